@@ -1,0 +1,137 @@
+"""Composition root: builds every part from `Settings`, runs them in one TaskGroup, stops them.
+
+Start-up order: registry and ledger (pure state), the control server on a private unix socket,
+the hub, the prober (first probe round before listening, so early builds find ready replicas),
+then the client listeners. Every background task is created through `spawn`: named, owned by the
+TaskGroup, and guarded so that a task dying is logged instead of silently lost.
+
+Shutdown (`stop` set, e.g. by SIGTERM) is one ordered sequence, see `_shutdown`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Coroutine
+from typing import Any
+
+from gateway.builds.ledger import Ledger
+from gateway.config import Endpoint, Settings
+from gateway.control.channels import Channels
+from gateway.control.probe import Prober, ReplicaCache
+from gateway.control.server import ControlServer
+from gateway.relay.client import ClientConn
+from gateway.relay.hub import Hub
+from gateway.replicas.registry import Registry, Replica
+
+log = logging.getLogger("gateway")
+
+SHUTDOWN_GRACE = 30.0
+
+
+async def _guard(coro: Coroutine[Any, Any, None], name: str) -> None:
+    try:
+        await coro
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("background task died", extra={"task": name})
+
+
+def static_replicas(settings: Settings) -> list[Replica]:
+    return [Replica(id=ep.name, address=str(ep)) for ep in settings.pool.replicas]
+
+
+class Gateway:
+    """A running gateway; `listening` holds the bound client endpoints once started."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.registry = Registry(static_replicas(settings))
+        self.ledger = Ledger()
+        self.cache = ReplicaCache()
+        self.channels = Channels()
+        self.listening: list[Endpoint] = []
+        self.started = asyncio.Event()
+        self.stop = asyncio.Event()
+        self.hub: Hub | None = None
+
+    async def run(self) -> None:
+        settings = self.settings
+        workdir = tempfile.mkdtemp(prefix="buildkit-gateway-")
+        control_socket = os.path.join(workdir, "control.sock")
+        control = ControlServer(self.registry, self.cache, self.channels)
+        await control.start(control_socket)
+        servers: list[asyncio.Server] = []
+        try:
+            async with asyncio.TaskGroup() as tg:
+
+                tasks: list[asyncio.Task[None]] = []
+
+                def spawn(coro: Coroutine[Any, Any, None], name: str) -> None:
+                    task = tg.create_task(_guard(coro, name), name=name)
+                    tasks.append(task)
+                    task.add_done_callback(tasks.remove)
+
+                hub = Hub(relay=settings.relay, routing=settings.routing, pool=settings.pool,
+                          registry=self.registry, ledger=self.ledger,
+                          control=Endpoint("unix", path=control_socket), spawn=spawn)
+                self.hub = hub
+                prober = Prober(self.registry, self.cache, self.channels, settings.probe)
+                await prober.probe_all()
+                spawn(prober.run(), "probe replicas")
+                if not settings.pool.replicas:
+                    log.warning("no replicas configured; builds will fail until some are added")
+                for ep in settings.listen.endpoints:
+                    servers.append(await self._listen(hub, ep))
+                log.info("gateway listening", extra={
+                    "listen": ",".join(map(str, self.listening)),
+                    "replicas": ",".join(r.id for r in self.registry.snapshot.replicas),
+                    "loadbalance": settings.pool.loadbalance})
+                self.started.set()
+                await self.stop.wait()
+                await self._shutdown(hub, servers, control)
+                for task in list(tasks):  # background loops end with the gateway
+                    task.cancel()
+        finally:
+            await self.channels.close()
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    async def _listen(self, hub: Hub, ep: Endpoint) -> asyncio.Server:
+        loop = asyncio.get_running_loop()
+        label = str(ep)
+        if ep.scheme == "unix":
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(ep.path)  # a stale socket from an earlier run
+            server = await loop.create_unix_server(lambda: ClientConn(hub, listener=label),
+                                                   ep.path)
+            self.listening.append(ep)
+        else:
+            server = await loop.create_server(lambda: ClientConn(hub, listener=label),
+                                              ep.host, ep.port)
+            port = server.sockets[0].getsockname()[1]
+            self.listening.append(Endpoint("tcp", host=ep.host, port=port))
+        return server
+
+    async def _shutdown(self, hub: Hub, servers: list[asyncio.Server],
+                        control: ControlServer) -> None:
+        log.info("gateway stopping", extra={"clients": len(hub.clients)})
+        # 1. Stop accepting connections.
+        for server in servers:
+            server.close()
+        # 2. Tell clients to open no new streams; open calls may finish within the grace.
+        for conn in list(hub.clients):
+            conn.drain()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(hub.no_clients.wait(), SHUTDOWN_GRACE)
+        # 3. Cut what is left, then the replica connections and the control server.
+        for conn in list(hub.clients):
+            conn.close()
+        for upstream in hub.upstreams.values():
+            upstream.close()
+        await control.stop()
+        log.info("gateway stopped")

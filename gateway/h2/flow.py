@@ -1,0 +1,230 @@
+"""Outbound flow control of one HTTP/2 connection: send windows and per-stream queues.
+
+Design: DATA that fits both the stream's and the connection's send window is written at once
+(the common case costs two appends). Otherwise it waits in its stream's queue; a window update
+drains the queues of the streams it unblocks, oldest blocked first. Frames without flow control
+that must stay behind their stream's data (trailers, a deferred RST_STREAM) wait in the same
+queue. A frame is cut to fit a window only when the window is a large part of the peer's initial
+window (so a peer with tiny windows still makes progress); cutting 16 KB frames to fit a leftover
+of a few KB would multiply frames, and waiting for the next update is cheaper.
+
+Invariants (checked by property tests): a send never makes a window negative (only a lowered
+SETTINGS_INITIAL_WINDOW_SIZE can); a stream's frames leave in the order they were offered; every
+queued byte is either written, or reported as dropped when its stream is closed. `on_sent(sid,
+n)` reports DATA bytes written from a queue (the caller returns that credit to the source);
+`on_end(sid)` reports that a stream's last frame (END_STREAM or RST_STREAM) has been written.
+No I/O: frames are appended to the `out` list the caller flushes.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+from gateway.h2.frames import (
+    DATA,
+    DEFAULT_WINDOW,
+    FLAG_END_STREAM,
+    FLOW_CONTROL_ERROR,
+    MAX_WINDOW,
+    ProtocolError,
+    frame_header,
+)
+
+Chunk = bytes | memoryview
+_DATA = 0
+_RAW = 1
+# Queue item: (kind, payload, last): DATA payloads count against windows, RAW frames do not;
+# `last` marks the stream's final frame (END_STREAM on DATA, or a final RAW frame).
+_Item = tuple[int, Chunk, bool]
+
+
+class _Out:
+    __slots__ = ("queue", "queued", "window")
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.queue: deque[_Item] = deque()
+        self.queued = 0
+
+
+def _ignore_sent(sid: int, n: int) -> None:
+    pass
+
+
+def _ignore_end(sid: int) -> None:
+    pass
+
+
+class SendScheduler:
+    __slots__ = ("_blocked", "_streams", "conn_window", "initial_window", "on_end", "on_sent")
+
+    def __init__(
+        self,
+        *,
+        on_sent: Callable[[int, int], None] = _ignore_sent,
+        on_end: Callable[[int], None] = _ignore_end,
+    ) -> None:
+        self.conn_window = DEFAULT_WINDOW
+        self.initial_window = DEFAULT_WINDOW
+        self.on_sent = on_sent
+        self.on_end = on_end
+        self._streams: dict[int, _Out] = {}
+        self._blocked: dict[int, None] = {}  # ordered set of streams waiting for window
+
+    def open(self, sid: int) -> None:
+        self._streams[sid] = _Out(self.initial_window)
+
+    def is_open(self, sid: int) -> bool:
+        return sid in self._streams
+
+    def window(self, sid: int) -> int:
+        st = self._streams.get(sid)
+        return st.window if st is not None else 0
+
+    def queued_bytes(self, sid: int) -> int:
+        st = self._streams.get(sid)
+        return st.queued if st is not None else 0
+
+    def total_queued(self) -> int:
+        return sum(st.queued for st in self._streams.values())
+
+    def close(self, sid: int) -> int:
+        """Forgets a stream; returns the DATA bytes dropped from its queue."""
+        st = self._streams.pop(sid, None)
+        self._blocked.pop(sid, None)
+        return st.queued if st is not None else 0
+
+    def data(self, sid: int, payload: Chunk, end_stream: bool, out: list[Chunk]) -> int:
+        """Writes or queues DATA; returns the bytes written now (-1: stream not open)."""
+        st = self._streams.get(sid)
+        if st is None:
+            return -1
+        n = len(payload)
+        if not st.queue and n <= st.window and n <= self.conn_window:
+            st.window -= n
+            self.conn_window -= n
+            out.append(frame_header(n, DATA, FLAG_END_STREAM if end_stream else 0, sid))
+            if n:
+                out.append(payload)
+            if end_stream:
+                del self._streams[sid]
+                self.on_end(sid)
+            return n
+        st.queue.append((_DATA, payload, end_stream))
+        st.queued += n
+        self._drain(sid, st, out)
+        return 0
+
+    def raw(self, sid: int, frames: bytes, out: list[Chunk], *, last: bool = False) -> bool:
+        """Writes frames (trailers, RST_STREAM) behind the stream's queued DATA.
+
+        `last` marks the stream's final frame. Returns False if the stream is not open.
+        """
+        st = self._streams.get(sid)
+        if st is None:
+            return False
+        if not st.queue:
+            out.append(frames)
+            if last:
+                del self._streams[sid]
+                self.on_end(sid)
+            return True
+        st.queue.append((_RAW, frames, last))
+        self._drain(sid, st, out)
+        return True
+
+    def window_update(self, sid: int, increment: int, out: list[Chunk]) -> None:
+        """Applies a WINDOW_UPDATE from the peer (sid 0: the connection) and drains queues."""
+        if sid == 0:
+            self.conn_window += increment
+            if self.conn_window > MAX_WINDOW:
+                raise ProtocolError(FLOW_CONTROL_ERROR, "connection window above 2^31-1")
+            self._pump(out)
+            return
+        st = self._streams.get(sid)
+        if st is None:
+            return
+        st.window += increment
+        if st.window > MAX_WINDOW:
+            raise ProtocolError(FLOW_CONTROL_ERROR, f"stream {sid} window above 2^31-1")
+        if st.queue:
+            self._drain(sid, st, out)
+
+    def set_initial_window(self, value: int, out: list[Chunk]) -> None:
+        """SETTINGS_INITIAL_WINDOW_SIZE from the peer: the difference applies to open streams."""
+        if value > MAX_WINDOW:
+            raise ProtocolError(FLOW_CONTROL_ERROR, "initial window above 2^31-1")
+        delta = value - self.initial_window
+        self.initial_window = value
+        if not delta:
+            return
+        for st in self._streams.values():
+            st.window += delta
+            if st.window > MAX_WINDOW:
+                raise ProtocolError(FLOW_CONTROL_ERROR, "stream window above 2^31-1")
+        if delta > 0:
+            for sid in list(self._blocked):
+                blocked = self._streams.get(sid)
+                if blocked is not None:
+                    self._drain(sid, blocked, out)
+
+    def _pump(self, out: list[Chunk]) -> None:
+        for sid in list(self._blocked):
+            if self.conn_window <= 0:
+                return
+            st = self._streams.get(sid)
+            if st is None:
+                self._blocked.pop(sid, None)
+                continue
+            del self._blocked[sid]  # re-queued at the end if still blocked: round robin
+            self._drain(sid, st, out)
+
+    def _drain(self, sid: int, st: _Out, out: list[Chunk]) -> None:
+        queue = st.queue
+        split_at = max(1, min(self.initial_window, DEFAULT_WINDOW) // 2)
+        sent = 0
+        ended = False
+        while queue:
+            kind, payload, last = queue[0]
+            if kind == _RAW:
+                queue.popleft()
+                out.append(payload)
+                if last:
+                    ended = True
+                    break
+                continue
+            n = len(payload)
+            avail = min(st.window, self.conn_window)
+            if n > avail:
+                if avail < split_at or avail <= 0:
+                    break
+                out.append(frame_header(avail, DATA, 0, sid))
+                out.append(payload[:avail])
+                queue[0] = (_DATA, payload[avail:], last)
+                st.window -= avail
+                self.conn_window -= avail
+                st.queued -= avail
+                sent += avail
+                continue
+            queue.popleft()
+            st.window -= n
+            self.conn_window -= n
+            st.queued -= n
+            sent += n
+            out.append(frame_header(n, DATA, FLAG_END_STREAM if last else 0, sid))
+            if n:
+                out.append(payload)
+            if last:
+                ended = True
+                break
+        if sent:
+            self.on_sent(sid, sent)
+        if ended:
+            self._streams.pop(sid, None)
+            self._blocked.pop(sid, None)
+            self.on_end(sid)
+        elif queue:
+            self._blocked[sid] = None
+        else:
+            self._blocked.pop(sid, None)

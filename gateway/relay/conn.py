@@ -1,0 +1,270 @@
+"""One HTTP/2 connection of the relay, either hop: frames in, frames out, per-hop state.
+
+Design: an asyncio Protocol that parses each read with `FrameReader`, handles everything that is
+per hop (SETTINGS and ACKs, PING, WINDOW_UPDATE, GOAWAY, header-block assembly and HPACK
+decoding, receive-credit batching) and hands stream events to the subclass: `ClientConn` (the
+gateway as server) and `BackendConn` (the gateway as client of a replica). Outgoing frames are
+appended to `out` and written in one `writelines` per wake-up: a connection that gets frames for
+another marks it dirty and `flush_dirty()` writes every dirty connection once.
+
+Receive credit: DATA counts against the windows the gateway granted; credit is returned after
+the payload was forwarded (or dropped), in batches: a WINDOW_UPDATE when a quarter of the window
+(at most 1 MiB) is pending. Bytes outstanding beyond the granted connection window are a
+FLOW_CONTROL_ERROR, which also caps what a connection can make the gateway buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from gateway.config import RelaySettings
+from gateway.h2 import frames as fr
+from gateway.h2.flow import Chunk, SendScheduler
+from gateway.h2.headers import HeaderDecoder, Headers
+
+log = logging.getLogger("gateway.relay")
+
+_dirty: list[H2Conn] = []
+
+
+def flush_dirty() -> None:
+    """Writes the pending output of every connection that got frames since the last flush."""
+    while _dirty:
+        conn = _dirty.pop()
+        conn.dirty = False
+        conn.flush()
+
+
+class H2Conn(asyncio.Protocol):
+    """Per-hop HTTP/2 machinery shared by both sides of the relay."""
+
+    role = "?"
+
+    def __init__(self, relay: RelaySettings, *, name: str) -> None:
+        self.relay = relay
+        self.name = name
+        self.transport: asyncio.Transport | None = None
+        self.reader = fr.FrameReader()
+        self.decoder = HeaderDecoder(max_header_list_size=relay.max_header_list)
+        self.sched = SendScheduler(on_sent=self.on_sent, on_end=self.on_end)
+        self.out: list[Chunk] = []
+        self.dirty = False
+        self.closed = False
+        self.peer_max_frame = fr.DEFAULT_MAX_FRAME_SIZE
+        self.peer_max_streams = 2**31
+        self.goaway_received = False
+        self.remote_settings_seen = asyncio.get_running_loop().create_future()
+        # receive side
+        self._stream_window = relay.stream_window
+        self._conn_window = relay.connection_window
+        self._stream_credit_at = min(relay.stream_window // 4, 1 << 20)
+        self._conn_credit_at = min(relay.connection_window // 4, 1 << 20)
+        self._pending_conn_credit = 0
+        self._pending_stream_credit: dict[int, int] = {}
+        self._outstanding = 0  # DATA bytes received and not yet credited back
+        self._block: tuple[int, int, list[bytes]] | None = None  # (sid, flags, chunks)
+        self._block_size = 0
+
+    # ---- output ----------------------------------------------------------------------------
+
+    def mark(self) -> None:
+        if not self.dirty:
+            self.dirty = True
+            _dirty.append(self)
+
+    def flush(self) -> None:
+        if self.out:
+            out, self.out = self.out, []
+            if self.transport is not None and not self.closed:
+                self.transport.writelines(out)
+
+    def send(self, data: bytes) -> None:
+        self.out.append(data)
+        self.mark()
+
+    def local_settings(self) -> list[tuple[int, int]]:
+        return [
+            (fr.SETTINGS_HEADER_TABLE_SIZE, 0),
+            (fr.SETTINGS_INITIAL_WINDOW_SIZE, self._stream_window),
+            (fr.SETTINGS_MAX_HEADER_LIST_SIZE, self.relay.max_header_list),
+        ]
+
+    def send_preface(self) -> None:
+        self.out.append(fr.settings(self.local_settings()))
+        extra = self._conn_window - fr.DEFAULT_WINDOW
+        if extra > 0:
+            self.out.append(fr.window_update(0, extra))
+        self.mark()
+
+    def credit(self, sid: int, n: int) -> None:
+        """Returns receive credit for `n` bytes of stream `sid` (0: connection only)."""
+        if n <= 0:
+            return
+        self._pending_conn_credit += n
+        if self._pending_conn_credit >= self._conn_credit_at:
+            self.out.append(fr.window_update(0, self._pending_conn_credit))
+            self._outstanding -= self._pending_conn_credit
+            self._pending_conn_credit = 0
+            self.mark()
+        if sid:
+            pending = self._pending_stream_credit.get(sid, 0) + n
+            if pending >= self._stream_credit_at:
+                self.out.append(fr.window_update(sid, pending))
+                pending = 0
+                self.mark()
+            self._pending_stream_credit[sid] = pending
+
+    def forget_credit(self, sid: int) -> None:
+        self._pending_stream_credit.pop(sid, None)
+
+    def send_headers(self, sid: int, block: bytes, *, end_stream: bool) -> bytes:
+        return fr.header_block(sid, block, end_stream=end_stream, max_frame=self.peer_max_frame)
+
+    def goaway(self, code: int, message: str, last_sid: int = 0) -> None:
+        if self.closed:
+            return
+        self.out.append(fr.goaway(last_sid, code, message.encode()[:256]))
+        self.flush()
+        self.close()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+    # ---- input -----------------------------------------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.process(data)
+        except fr.ProtocolError as exc:
+            log.warning(
+                "http2 protocol error",
+                extra={"conn": self.name, "role": self.role, "code": fr.ERROR_NAMES.get(exc.code),
+                       "error": str(exc)},
+            )
+            self.on_protocol_error(exc)
+            self.goaway(exc.code, str(exc), self.last_stream_id())
+        flush_dirty()
+
+    def process(self, data: bytes) -> None:
+        frames = self.reader.feed(data)
+        for ftype, flags, sid, payload, flow_len in frames:
+            if self._block is not None and ftype != fr.CONTINUATION:
+                raise fr.ProtocolError(fr.PROTOCOL_ERROR, "header block interrupted")
+            if ftype == fr.DATA:
+                if not sid:
+                    raise fr.ProtocolError(fr.PROTOCOL_ERROR, "DATA on stream 0")
+                self._outstanding += flow_len
+                if self._outstanding > self._conn_window:
+                    raise fr.ProtocolError(fr.FLOW_CONTROL_ERROR, "peer exceeded the window")
+                self.on_data(sid, payload, flow_len, flags & fr.FLAG_END_STREAM)
+            elif ftype == fr.HEADERS:
+                if not sid:
+                    raise fr.ProtocolError(fr.PROTOCOL_ERROR, "HEADERS on stream 0")
+                if flags & fr.FLAG_END_HEADERS:
+                    self._headers_done(sid, flags, bytes(payload))
+                else:
+                    self._block = (sid, flags, [bytes(payload)])
+                    self._block_size = len(payload)
+            elif ftype == fr.CONTINUATION:
+                if self._block is None or self._block[0] != sid:
+                    raise fr.ProtocolError(fr.PROTOCOL_ERROR, "unexpected CONTINUATION")
+                self._block[2].append(bytes(payload))
+                self._block_size += len(payload)
+                if self._block_size > self.relay.max_header_list:
+                    raise fr.ProtocolError(fr.ENHANCE_YOUR_CALM, "header block too large")
+                if flags & fr.FLAG_END_HEADERS:
+                    bsid, bflags, chunks = self._block
+                    self._block = None
+                    self._headers_done(bsid, bflags, b"".join(chunks))
+            elif ftype == fr.WINDOW_UPDATE:
+                inc = fr.parse_u32(payload)
+                if inc == 0:
+                    if sid == 0:
+                        raise fr.ProtocolError(fr.PROTOCOL_ERROR, "zero window increment")
+                    self.on_stream_error(sid, fr.PROTOCOL_ERROR)
+                    continue
+                self.sched.window_update(sid, inc, self.out)
+                self.mark()
+            elif ftype == fr.RST_STREAM:
+                if not sid:
+                    raise fr.ProtocolError(fr.PROTOCOL_ERROR, "RST_STREAM on stream 0")
+                self.on_rst(sid, fr.parse_u32(payload))
+            elif ftype == fr.SETTINGS:
+                if sid:
+                    raise fr.ProtocolError(fr.PROTOCOL_ERROR, "SETTINGS on a stream")
+                if flags & fr.FLAG_ACK:
+                    continue
+                self._apply_settings(fr.parse_settings(payload))
+            elif ftype == fr.PING:
+                if len(payload) != 8:
+                    raise fr.ProtocolError(fr.FRAME_SIZE_ERROR, "PING payload must be 8 bytes")
+                if not flags & fr.FLAG_ACK:
+                    self.send(fr.ping(bytes(payload), ack=True))
+            elif ftype == fr.GOAWAY:
+                last, code, debug = fr.parse_goaway(payload)
+                self.goaway_received = True
+                self.on_goaway(last, code, debug)
+            elif ftype == fr.PUSH_PROMISE:
+                raise fr.ProtocolError(fr.PROTOCOL_ERROR, "PUSH_PROMISE is disabled")
+            # PRIORITY and unknown frame types are ignored (RFC 9113 sections 5.5, 6.3).
+
+    def _apply_settings(self, values: list[tuple[int, int]]) -> None:
+        for key, value in values:
+            if key == fr.SETTINGS_INITIAL_WINDOW_SIZE:
+                self.sched.set_initial_window(value, self.out)
+            elif key == fr.SETTINGS_MAX_FRAME_SIZE:
+                if not fr.DEFAULT_MAX_FRAME_SIZE <= value <= 2**24 - 1:
+                    raise fr.ProtocolError(fr.PROTOCOL_ERROR, "invalid SETTINGS_MAX_FRAME_SIZE")
+                self.peer_max_frame = value
+            elif key == fr.SETTINGS_MAX_CONCURRENT_STREAMS:
+                self.peer_max_streams = value
+            elif key == fr.SETTINGS_ENABLE_PUSH and value > 1:
+                raise fr.ProtocolError(fr.PROTOCOL_ERROR, "invalid SETTINGS_ENABLE_PUSH")
+        self.out.append(fr.SETTINGS_ACK)
+        self.mark()
+        if not self.remote_settings_seen.done():
+            self.remote_settings_seen.set_result(None)
+        self.on_settings()
+
+    def _headers_done(self, sid: int, flags: int, block: bytes) -> None:
+        headers = self.decoder.decode(block)  # always decoded: keeps the HPACK table in step
+        self.on_headers(sid, headers, bool(flags & fr.FLAG_END_STREAM))
+
+    # ---- hooks for subclasses --------------------------------------------------------------
+
+    def last_stream_id(self) -> int:
+        return 0
+
+    def on_data(self, sid: int, payload: memoryview, flow_len: int, end: int) -> None:
+        raise NotImplementedError
+
+    def on_headers(self, sid: int, headers: Headers, end_stream: bool) -> None:
+        raise NotImplementedError
+
+    def on_rst(self, sid: int, code: int) -> None:
+        raise NotImplementedError
+
+    def on_stream_error(self, sid: int, code: int) -> None:
+        self.on_rst(sid, code)
+        self.send(fr.rst_stream(sid, code))
+
+    def on_goaway(self, last_sid: int, code: int, debug: bytes) -> None:
+        pass
+
+    def on_settings(self) -> None:
+        pass
+
+    def on_protocol_error(self, exc: fr.ProtocolError) -> None:
+        pass
+
+    def on_sent(self, sid: int, n: int) -> None:
+        """Queued DATA of stream `sid` was written: credit its source."""
+
+    def on_end(self, sid: int) -> None:
+        """The last frame of stream `sid` toward this peer was written."""

@@ -1,0 +1,57 @@
+"""Shared fixtures: fake replicas and an in-process gateway on loopback ports."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+
+import pytest
+
+from gateway import config
+from gateway.app import Gateway
+from tests.fakes.replica import FakeReplica, JoinLimits
+
+
+@contextlib.asynccontextmanager
+async def running_replicas(count: int, *, limits: JoinLimits = JoinLimits(),
+                           prefix: str = "r") -> AsyncIterator[list[FakeReplica]]:
+    replicas = [FakeReplica(f"{prefix}{i}", limits=limits) for i in range(count)]
+    for replica in replicas:
+        await replica.start()
+    try:
+        yield replicas
+    finally:
+        for replica in replicas:
+            await replica.stop(grace=0)
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(replica_addresses: Sequence[str],
+                          *extra: str) -> AsyncIterator[Gateway]:
+    argv = ["--listen", "tcp://127.0.0.1:0", "--probe-interval", "0.5s"]
+    for address in replica_addresses:
+        argv += ["--replica", f"tcp://{address}"]
+    settings = config.load([*argv, *extra], {})
+    gateway = Gateway(settings)
+    task = asyncio.create_task(gateway.run(), name="gateway under test")
+    try:
+        async with asyncio.timeout(10):
+            started = asyncio.create_task(gateway.started.wait())
+            done, _ = await asyncio.wait({started, task}, return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                task.result()  # raises the start-up error
+        yield gateway
+    finally:
+        gateway.stop.set()
+        async with asyncio.timeout(40):
+            await task
+
+
+def gateway_port(gateway: Gateway) -> int:
+    return gateway.listening[0].port
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"

@@ -14,9 +14,10 @@ from tests.fakes.replica import FakeReplica, JoinLimits
 
 
 @contextlib.asynccontextmanager
-async def running_replicas(count: int, *, limits: JoinLimits = JoinLimits(),
+async def running_replicas(count: int, *, limits: JoinLimits | None = None,
                            prefix: str = "r") -> AsyncIterator[list[FakeReplica]]:
-    replicas = [FakeReplica(f"{prefix}{i}", limits=limits) for i in range(count)]
+    replicas = [FakeReplica(f"{prefix}{i}", limits=limits or JoinLimits())
+                for i in range(count)]
     for replica in replicas:
         await replica.start()
     try:

@@ -28,10 +28,11 @@ from gateway.h2.frames import (
     FLOW_CONTROL_ERROR,
     MAX_WINDOW,
     ProtocolError,
-    frame_header,
+    frame_header_struct,
 )
 
 Chunk = bytes | memoryview
+_PACK = frame_header_struct.pack
 _DATA = 0
 _RAW = 1
 # Queue item: (kind, payload, last): DATA payloads count against windows, RAW frames do not;
@@ -104,16 +105,18 @@ class SendScheduler:
         if not st.queue and n <= st.window and n <= self.conn_window:
             st.window -= n
             self.conn_window -= n
-            out.append(frame_header(n, DATA, FLAG_END_STREAM if end_stream else 0, sid))
+            out.append(_PACK(n >> 8, n & 0xFF, DATA, FLAG_END_STREAM if end_stream else 0, sid))
             if n:
                 out.append(payload)
             if end_stream:
                 del self._streams[sid]
                 self.on_end(sid)
             return n
-        st.queue.append((_DATA, payload, end_stream))
+        queue = st.queue
+        queue.append((_DATA, payload, end_stream))
         st.queued += n
-        self._drain(sid, st, out)
+        if len(queue) == 1:  # a longer queue is already blocked: only window changes drain it
+            self._drain(sid, st, out)
         return 0
 
     def raw(self, sid: int, frames: bytes, out: list[Chunk], *, last: bool = False) -> bool:
@@ -131,7 +134,8 @@ class SendScheduler:
                 self.on_end(sid)
             return True
         st.queue.append((_RAW, frames, last))
-        self._drain(sid, st, out)
+        if len(st.queue) == 1:
+            self._drain(sid, st, out)
         return True
 
     def window_update(self, sid: int, increment: int, out: list[Chunk]) -> None:
@@ -183,41 +187,46 @@ class SendScheduler:
     def _drain(self, sid: int, st: _Out, out: list[Chunk]) -> None:
         queue = st.queue
         split_at = max(1, min(self.initial_window, DEFAULT_WINDOW) // 2)
+        stream_window = st.window
+        conn_window = self.conn_window
+        append = out.append
+        pack = _PACK
         sent = 0
         ended = False
         while queue:
             kind, payload, last = queue[0]
             if kind == _RAW:
                 queue.popleft()
-                out.append(payload)
+                append(payload)
                 if last:
                     ended = True
                     break
                 continue
             n = len(payload)
-            avail = min(st.window, self.conn_window)
+            avail = stream_window if stream_window < conn_window else conn_window
             if n > avail:
                 if avail < split_at or avail <= 0:
                     break
-                out.append(frame_header(avail, DATA, 0, sid))
-                out.append(payload[:avail])
+                append(pack(avail >> 8, avail & 0xFF, DATA, 0, sid))
+                append(payload[:avail])
                 queue[0] = (_DATA, payload[avail:], last)
-                st.window -= avail
-                self.conn_window -= avail
-                st.queued -= avail
+                stream_window -= avail
+                conn_window -= avail
                 sent += avail
                 continue
             queue.popleft()
-            st.window -= n
-            self.conn_window -= n
-            st.queued -= n
+            stream_window -= n
+            conn_window -= n
             sent += n
-            out.append(frame_header(n, DATA, FLAG_END_STREAM if last else 0, sid))
+            append(pack(n >> 8, n & 0xFF, DATA, FLAG_END_STREAM if last else 0, sid))
             if n:
-                out.append(payload)
+                append(payload)
             if last:
                 ended = True
                 break
+        st.window = stream_window
+        self.conn_window = conn_window
+        st.queued -= sent
         if sent:
             self.on_sent(sid, sent)
         if ended:

@@ -89,6 +89,7 @@ MAX_WINDOW = 2**31 - 1
 FRAME_HEADER_LEN = 9
 
 _HEADER = struct.Struct(">HBBBL")  # length hi16, length lo8, type, flags, stream id
+frame_header_struct = _HEADER  # for hot paths that pack headers inline
 _SETTING = struct.Struct(">HL")
 _U32 = struct.Struct(">L")
 

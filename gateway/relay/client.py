@@ -165,7 +165,18 @@ class ClientConn(H2Conn):
         if call is None or call.c_in_done:
             self.credit(0, flow_len)
             return
-        self._client_data(call, payload, flow_len, bool(end))
+        backend = call.backend
+        if backend is None or end:
+            self._client_data(call, payload, flow_len, bool(end))
+            return
+        # Hot path: DATA of a routed stream, not its last frame.
+        n = backend.sched.data(call.bsid, payload, False, backend.out)
+        if not backend.dirty:
+            backend.mark()
+        if n < 0:
+            self.credit(0, flow_len)
+        elif n or flow_len != len(payload):
+            self.credit(sid, flow_len - len(payload) + n)
 
     def _client_data(self, call: Call, payload: Any, flow_len: int, end: bool) -> None:
         if end:

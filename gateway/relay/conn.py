@@ -78,7 +78,7 @@ class H2Conn(asyncio.Protocol):
         if self.out:
             out, self.out = self.out, []
             if self.transport is not None and not self.closed:
-                self.transport.writelines(out)
+                self.transport.write(b"".join(out))
 
     def send(self, data: bytes) -> None:
         self.out.append(data)

@@ -1,0 +1,91 @@
+"""The command line: help, clear configuration errors, foreground run until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+
+from gateway.config import OPTIONS
+from tests.conftest import running_replicas
+from tests.fakes import buildflow
+from tests.integration.clients import connect
+
+CMD = [sys.executable, "-m", "gateway"]
+
+
+async def _run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *CMD, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})})
+    async with asyncio.timeout(30):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_help_lists_every_option_with_its_environment_variable() -> None:
+    code, out, _err = await _run("--help")
+    assert code == 0
+    for opt in OPTIONS:
+        assert opt.flag in out
+        assert opt.env in out.replace("\n", "").replace(" ", "")
+
+
+async def test_invalid_settings_exit_2_naming_the_option_and_source(tmp_path) -> None:
+    code, _out, err = await _run("--loadbalance", "roundrobin")
+    assert code == 2
+    assert "invalid --loadbalance from flag --loadbalance" in err
+    code, _out, err = await _run(env={"BUILDKIT_GATEWAY_REPLICA": "http://nope"})
+    assert code == 2
+    assert "environment variable BUILDKIT_GATEWAY_REPLICA" in err
+    bad = tmp_path / "gw.yaml"
+    bad.write_text("listen: [tcp://127.0.0.1:1\n")
+    code, _out, err = await _run("--config", str(bad))
+    assert code == 2
+    assert "is not valid YAML" in err
+    bad.write_text("replicas: [tcp://127.0.0.1:1]\n")
+    code, _out, err = await _run("--config", str(bad))
+    assert code == 2
+    assert "unknown option(s) replicas" in err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_runs_in_the_foreground_serves_builds_and_exits_0_on_sigterm(tmp_path) -> None:
+    async with running_replicas(2) as replicas:
+        port = _free_port()
+        config = tmp_path / "gw.yaml"
+        config.write_text(f"replica:\n  - tcp://{replicas[0].address}\n")
+        proc = await asyncio.create_subprocess_exec(
+            *CMD, "--listen", f"tcp://127.0.0.1:{port}", "--config", str(config),
+            "--log-format", "json",
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "BUILDKIT_GATEWAY_REPLICA": f"tcp://{replicas[1].address}"})
+        try:
+            assert proc.stderr is not None
+            async with asyncio.timeout(20):
+                while b'"msg": "gateway listening"' not in (line := await proc.stderr.readline()):
+                    assert line, "gateway exited before listening"
+            assert replicas[1].address in line.decode()  # env beats the file
+            t = await connect("grpc-go", port)
+            try:
+                out = await buildflow.buildctl(t, context_dir="/src")
+            finally:
+                await t.close()
+            assert out.ok, out.error
+            assert out.replica == "r1"
+            proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(20):
+                code = await proc.wait()
+            assert code == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()

@@ -1,0 +1,111 @@
+"""Bad input and broken parts get a clear error and lose nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from tests.conftest import gateway_port, running_gateway, running_replicas
+from tests.fakes import buildflow
+from tests.fakes.ids import node_id
+from tests.fakes.transport import RpcError
+from tests.integration.clients import connect
+
+SOLVE = "/moby.buildkit.v1.Control/Solve"
+
+
+async def test_garbage_on_the_port_is_dropped_and_builds_still_work() -> None:
+    async with running_replicas(1) as replicas, running_gateway(
+            [r.address for r in replicas]) as gw:
+        port = gateway_port(gw)
+        for garbage in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\x16\x03\x01\x02\x00\x01",
+                        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\xff" * 64):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(garbage)
+            await writer.drain()
+            async with asyncio.timeout(5):
+                while await reader.read(65536):  # server SETTINGS, maybe a GOAWAY, then EOF
+                    pass
+            writer.close()
+        t = await connect("grpcio", port)
+        try:
+            out = await buildflow.buildctl(t, context_dir="/src")
+        finally:
+            await t.close()
+        assert out.ok, out.error
+
+
+async def test_undecodable_solve_gets_invalid_argument_naming_the_problem() -> None:
+    async with running_replicas(1) as replicas, running_gateway(
+            [r.address for r in replicas]) as gw:
+        t = await connect("grpc-go", gateway_port(gw))
+        try:
+            try:
+                await t.unary(SOLVE, b"\x0a\xff\xff\xff\x0f", timeout=5)
+            except RpcError as err:
+                error = err
+            else:
+                raise AssertionError("an undecodable Solve was accepted")
+            out = await buildflow.build(t, context_dir="/src", node_id=node_id())
+        finally:
+            await t.close()
+    assert error.code == 3
+    assert "cannot route /moby.buildkit.v1.Control/Solve" in error.details
+    assert out.ok, out.error  # the connection is still good
+
+
+async def test_unreachable_replica_is_skipped_not_fatal() -> None:
+    async with running_replicas(2) as replicas:
+        dead = replicas[1].address
+        await replicas[1].stop(grace=0)
+        async with running_gateway([replicas[0].address, dead]) as gw:
+            snap = gw.registry.snapshot
+            assert not snap.by_id[dead].ready
+            assert snap.by_id[dead].reason  # why, for the status page and the log
+            port = gateway_port(gw)
+            for i in range(10):
+                t = await connect("grpcio", port)
+                try:
+                    out = await buildflow.buildx_session(t, context_dir=f"/src/{i}",
+                                                         node_id=node_id())
+                finally:
+                    await t.close()
+                assert out.ok, out.error
+                assert out.builds[0].replica == "r0"
+
+
+async def test_client_resets_mid_flight_leave_other_streams_correct() -> None:
+    rng = random.Random(3)
+    async with running_replicas(2) as replicas, running_gateway(
+            [r.address for r in replicas]) as gw:
+        port = gateway_port(gw)
+        t = await connect("grpc-go", port)
+        try:
+            # Uploads in flight on one connection; half of them are cancelled mid-way.
+            async def doomed() -> None:
+                call = await t.bidi("/test.Echo/Bidi")
+                for _ in range(20):
+                    await call.send(b"x" * 30_000)
+                call.cancel()
+
+            results = await asyncio.gather(
+                *(doomed() for _ in range(5)),
+                *(buildflow.build(t, context_dir="/src/app", node_id=node_id(),
+                                  upload=2_000_000, rng=random.Random(rng.random()))
+                  for _ in range(5)),
+                return_exceptions=True)
+        finally:
+            await t.close()
+        for r in results[5:]:
+            assert isinstance(r, buildflow.BuildOutcome)
+            assert r.ok, r.error
+            assert r.exporter_response["uploaded"] == str(2_000_000)
+        for r in results[:5]:
+            assert not isinstance(r, BaseException) or isinstance(r, RpcError)
+        # The gateway still serves the next connection.
+        t = await connect("grpcio", port)
+        try:
+            out = await buildflow.buildctl(t, context_dir="/src")
+        finally:
+            await t.close()
+        assert out.ok, out.error

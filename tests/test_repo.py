@@ -43,3 +43,8 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_second() -> None:
     assert "buildkit-gateway" in commands[0] and "--replica" in commands[0]
     ci = (ROOT / ".ci" / "run").read_text()
     assert commands[1] in ci
+
+
+def test_import_layers_hold() -> None:
+    result = _run(str(BIN / "lint-imports"), "--no-cache")
+    assert result.returncode == 0, result.stdout + result.stderr

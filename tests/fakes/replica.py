@@ -198,9 +198,11 @@ class FakeReplica:
     """A fake buildkitd. See the module docstring for the design."""
 
     def __init__(self, name: str, *, limits: JoinLimits = JoinLimits(),
-                 solve_delay: float = 0.0) -> None:
+                 solve_delay: float = 0.0,
+                 server_options: Iterable[tuple[str, Any]] = ()) -> None:
         self.name = name
         self.limits = limits
+        self.server_options = tuple(server_options)  # extra grpc.aio server options
         self.solve_delay = solve_delay
         self.address = ""
         self.records: list[CallRecord] = []
@@ -225,6 +227,7 @@ class FakeReplica:
             ("grpc.max_metadata_size", MAX_METADATA),
             ("grpc.absolute_max_metadata_size", MAX_METADATA),
             ("grpc.so_reuseport", 0),
+            *self.server_options,
         ])
         server.add_generic_rpc_handlers((_Dispatch(self),))
         bind_host = f"[{host}]" if ":" in host else host

@@ -8,6 +8,7 @@ import random
 from tests.conftest import gateway_port, running_gateway, running_replicas
 from tests.fakes import buildflow
 from tests.fakes.ids import node_id
+from tests.fakes.replica import FakeReplica
 from tests.fakes.transport import RpcError
 from tests.integration.clients import connect
 
@@ -109,3 +110,33 @@ async def test_client_resets_mid_flight_leave_other_streams_correct() -> None:
         finally:
             await t.close()
         assert out.ok, out.error
+
+
+async def test_routing_stays_correct_when_the_replica_window_stays_at_64_kib() -> None:
+    # With BDP probing off, grpcio keeps its 64 KiB initial stream window: most upload frames
+    # then wait for window in the gateway, per stream.
+    replicas = [FakeReplica(f"w{i}", server_options=[("grpc.http2.bdp_probe", 0)])
+                for i in range(2)]
+    for r in replicas:
+        await r.start()
+    try:
+        async with running_gateway([r.address for r in replicas]) as gw:
+            port = gateway_port(gw)
+            conns = [await connect(style, port) for style in ("grpcio", "grpc-go")]
+            try:
+                outs = await asyncio.gather(*(
+                    buildflow.build(t, context_dir=f"/src/{i}", node_id=node_id(),
+                                    upload=3_000_000, rng=random.Random(i))
+                    for i in range(4) for t in conns))
+            finally:
+                for t in conns:
+                    await t.close()
+            windows = {c.sched.initial_window for name, u in gw.hub.upstreams.items()
+                       if name != "control" for c in u.conns}
+    finally:
+        for r in replicas:
+            await r.stop(grace=0)
+    assert windows and max(windows) <= 65535
+    for out in outs:
+        assert out.ok, out.error
+        assert out.exporter_response["uploaded"] == "3000000"

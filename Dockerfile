@@ -1,0 +1,14 @@
+# buildkit-gateway: one BuildKit endpoint in front of a pool of buildkitd replicas.
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY gateway ./gateway
+RUN pip install --no-cache-dir --prefix=/install .
+
+FROM python:3.11-slim
+COPY --from=build /install /usr/local
+RUN useradd --system --uid 65532 gateway
+USER 65532
+EXPOSE 1234
+ENTRYPOINT ["buildkit-gateway"]
+CMD ["--listen", "tcp://0.0.0.0:1234"]

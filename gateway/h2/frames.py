@@ -131,44 +131,55 @@ def _strip(ftype: int, flags: int, payload: memoryview) -> tuple[int, memoryview
 class FrameReader:
     """Incremental frame parser for one direction of one connection."""
 
-    __slots__ = ("_max_frame", "_tail")
+    __slots__ = ("_have", "_max_frame", "_parts")
 
     def __init__(self, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
         self._max_frame = max_frame_size
-        self._tail = b""
+        self._parts: list[memoryview] = []  # the unparsed tail: views of earlier reads
+        self._have = 0
 
     @property
     def buffered(self) -> int:
         """Bytes held back waiting for the rest of a frame."""
-        return len(self._tail)
+        return self._have
 
-    def feed(self, data: bytes) -> list[Frame]:
+    def feed(self, data: bytes | memoryview) -> list[Frame]:
         frames: list[Frame] = []
         view = memoryview(data)
         end = len(view)
         pos = 0
-        if self._tail:
-            tail = self._tail
-            if len(tail) < FRAME_HEADER_LEN:
-                need = FRAME_HEADER_LEN - len(tail)
-                tail += bytes(view[:need])
-                pos = min(need, end)
-                if len(tail) < FRAME_HEADER_LEN:
-                    self._tail = tail
+        if self._have:
+            # Complete the one frame that straddles reads; the earlier parts are views of the
+            # earlier reads, so the frame is copied once, here.
+            if self._have < FRAME_HEADER_LEN:
+                take = min(FRAME_HEADER_LEN - self._have, end)
+                self._parts.append(view[:take])
+                self._have += take
+                pos = take
+                if self._have < FRAME_HEADER_LEN:
                     return frames
-            hi, lo, _t, _f, _s = _HEADER.unpack_from(tail)
-            total = FRAME_HEADER_LEN + ((hi << 8) | lo)
-            need = total - len(tail)
+                self._parts = [memoryview(b"".join(self._parts))]
+            hi, lo, _t, _f, _s = _HEADER.unpack_from(self._parts[0])
+            length = (hi << 8) | lo
+            if length > self._max_frame:
+                raise ProtocolError(
+                    FRAME_SIZE_ERROR, f"frame of {length} bytes exceeds {self._max_frame}"
+                )
+            need = FRAME_HEADER_LEN + length - self._have
             if need > end - pos:
-                self._tail = tail + bytes(view[pos:])
+                self._parts.append(view[pos:])
+                self._have += end - pos
                 return frames
-            whole = tail + bytes(view[pos : pos + need])
+            self._parts.append(view[pos : pos + need])
             pos += need
-            self._tail = b""
+            whole = b"".join(self._parts)
+            self._parts = []
+            self._have = 0
             self._parse(memoryview(whole), 0, len(whole), frames)
         rest = self._parse(view, pos, end, frames)
         if rest < end:
-            self._tail = bytes(view[rest:])
+            self._parts = [view[rest:]]
+            self._have = end - rest
         return frames
 
     def _parse(self, view: memoryview, pos: int, end: int, frames: list[Frame]) -> int:

@@ -71,12 +71,12 @@ class ClientConn(H2Conn):
             (fr.SETTINGS_ENABLE_PUSH, 0),
         ]
 
-    def process(self, data: bytes) -> None:
+    def process(self, data: bytes | memoryview) -> None:
         if self._preface_needed:
-            got = self._preface_buf + data[: self._preface_needed]
+            got = self._preface_buf + bytes(data[: self._preface_needed])
             if not fr.PREFACE.startswith(got):
                 log.warning("not an HTTP/2 client: closing",
-                            extra={"conn": self.name, "first_bytes": data[:16].hex()})
+                            extra={"conn": self.name, "first_bytes": bytes(data[:16]).hex()})
                 self.closed = True
                 if self.transport is not None:
                     self.transport.close()

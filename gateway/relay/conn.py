@@ -27,6 +27,29 @@ from gateway.h2.headers import HeaderDecoder, Headers
 log = logging.getLogger("gateway.relay")
 
 _dirty: list[H2Conn] = []
+READ_SIZE = 256 << 10
+_POOL_SIZE = 64
+_pool: list[bytearray] = []
+
+
+def _read_buffer() -> bytearray:
+    """A read buffer that no frame still refers to.
+
+    Frames handed on are views of the buffer they were read into, until written; a bytearray
+    with live views cannot be resized, which tells a free buffer from a busy one. Reusing free
+    buffers spares zero-filling a new one on every read.
+    """
+    for buf in _pool:
+        try:
+            buf.append(0)
+        except BufferError:
+            continue
+        del buf[-1]
+        return buf
+    buf = bytearray(READ_SIZE)
+    if len(_pool) < _POOL_SIZE:
+        _pool.append(buf)
+    return buf
 
 
 def flush_dirty() -> None:
@@ -37,7 +60,7 @@ def flush_dirty() -> None:
         conn.flush()
 
 
-class H2Conn(asyncio.Protocol):
+class H2Conn(asyncio.BufferedProtocol):
     """Per-hop HTTP/2 machinery shared by both sides of the relay."""
 
     role = "?"
@@ -46,6 +69,7 @@ class H2Conn(asyncio.Protocol):
         self.relay = relay
         self.name = name
         self.transport: asyncio.Transport | None = None
+        self._rbuf = memoryview(b"")
         self.reader = fr.FrameReader()
         self.decoder = HeaderDecoder(max_header_list_size=relay.max_header_list)
         self.sched = SendScheduler(on_sent=self.on_sent, on_end=self.on_end)
@@ -78,7 +102,7 @@ class H2Conn(asyncio.Protocol):
         if self.out:
             out, self.out = self.out, []
             if self.transport is not None and not self.closed:
-                self.transport.write(b"".join(out))
+                self.transport.writelines(out)
 
     def send(self, data: bytes) -> None:
         self.out.append(data)
@@ -138,7 +162,14 @@ class H2Conn(asyncio.Protocol):
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        self._rbuf = memoryview(_read_buffer())
+        return self._rbuf
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._rbuf[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         try:
             self.process(data)
         except fr.ProtocolError as exc:
@@ -151,7 +182,7 @@ class H2Conn(asyncio.Protocol):
             self.goaway(exc.code, str(exc), self.last_stream_id())
         flush_dirty()
 
-    def process(self, data: bytes) -> None:
+    def process(self, data: bytes | memoryview) -> None:
         frames = self.reader.feed(data)
         for ftype, flags, sid, payload, flow_len in frames:
             if self._block is not None and ftype != fr.CONTINUATION:

@@ -10,6 +10,7 @@ Nothing else in the gateway reads flags, the environment or the file.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -50,6 +51,8 @@ _TCP = re.compile(r"^tcp://(\[[^\]]+\]|[^:/\[\]]+):(\d{1,5})/?$")
 
 
 def parse_endpoint(text: str) -> Endpoint:
+    if not isinstance(text, str):
+        raise ValueError(f"expected tcp://HOST:PORT or unix:///PATH, got {text!r}")
     if text.startswith("unix://"):
         path = text[len("unix://") :]
         if not path.startswith("/"):
@@ -179,16 +182,20 @@ def _choice(*allowed: str) -> Callable[[Any], str]:
 
 
 def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"expected a positive integer, got {value!r}")
     number = int(value)
     if number <= 0:
         raise ValueError(f"expected a positive integer, got {value!r}")
     return number
 
 
-def _positive_float(value: Any) -> float:
+def _load_factor(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number of at least 1, got {value!r}")
     number = float(value)
-    if number <= 0:
-        raise ValueError(f"expected a positive number, got {value!r}")
+    if not math.isfinite(number) or number < 1:
+        raise ValueError(f"expected a finite number of at least 1, got {value!r}")
     return number
 
 
@@ -200,7 +207,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("--loadbalance", "placement policy: sticky (consistent hashing, warm caches) or "
            "random", "sticky", _choice("sticky", "random")),
     Option("--load-factor", "bounded loads: a replica above this x the average active builds "
-           "is skipped for the next on the ring", 1.25, _positive_float),
+           "is skipped for the next on the ring (at least 1)", 1.25, _load_factor),
     Option("--session-wait", "how long a Solve waits for its Session to learn its sticky key",
            "1s", parse_duration, metavar="DUR"),
     Option("--hold-timeout", "how long a call may wait for its build's Solve before it is "
@@ -252,9 +259,11 @@ def _show(value: Any) -> str:
 
 def _read_yaml(path: str) -> Mapping[str, Any]:
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text: {exc}") from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

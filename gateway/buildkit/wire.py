@@ -125,7 +125,7 @@ class SolveInfo:
     shared_sessions: tuple[str, ...]  # FrontendAttrs local-sessionid:* values, SourcePolicySession
 
     def sessions(self) -> tuple[str, ...]:
-        return tuple(s for s in (self.session, *self.shared_sessions) if s)
+        return tuple(dict.fromkeys(s for s in (self.session, *self.shared_sessions) if s))
 
 
 def decode_solve(buf: bytes) -> SolveInfo:

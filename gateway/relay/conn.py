@@ -27,29 +27,6 @@ from gateway.h2.headers import HeaderDecoder, Headers
 log = logging.getLogger("gateway.relay")
 
 _dirty: list[H2Conn] = []
-READ_SIZE = 256 << 10
-_POOL_SIZE = 64
-_pool: list[bytearray] = []
-
-
-def _read_buffer() -> bytearray:
-    """A read buffer that no frame still refers to.
-
-    Frames handed on are views of the buffer they were read into, until written; a bytearray
-    with live views cannot be resized, which tells a free buffer from a busy one. Reusing free
-    buffers spares zero-filling a new one on every read.
-    """
-    for buf in _pool:
-        try:
-            buf.append(0)
-        except BufferError:
-            continue
-        del buf[-1]
-        return buf
-    buf = bytearray(READ_SIZE)
-    if len(_pool) < _POOL_SIZE:
-        _pool.append(buf)
-    return buf
 
 
 def flush_dirty() -> None:
@@ -60,7 +37,7 @@ def flush_dirty() -> None:
         conn.flush()
 
 
-class H2Conn(asyncio.BufferedProtocol):
+class H2Conn(asyncio.Protocol):
     """Per-hop HTTP/2 machinery shared by both sides of the relay."""
 
     role = "?"
@@ -69,7 +46,6 @@ class H2Conn(asyncio.BufferedProtocol):
         self.relay = relay
         self.name = name
         self.transport: asyncio.Transport | None = None
-        self._rbuf = memoryview(b"")
         self.reader = fr.FrameReader()
         self.decoder = HeaderDecoder(max_header_list_size=relay.max_header_list)
         self.sched = SendScheduler(on_sent=self.on_sent, on_end=self.on_end)
@@ -162,13 +138,6 @@ class H2Conn(asyncio.BufferedProtocol):
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        self._rbuf = memoryview(_read_buffer())
-        return self._rbuf
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(self._rbuf[:nbytes])
-
     def data_received(self, data: bytes | memoryview) -> None:
         try:
             self.process(data)
@@ -183,18 +152,19 @@ class H2Conn(asyncio.BufferedProtocol):
         flush_dirty()
 
     def process(self, data: bytes | memoryview) -> None:
-        frames = self.reader.feed(data)
-        for ftype, flags, sid, payload, flow_len in frames:
-            if self._block is not None and ftype != fr.CONTINUATION:
-                raise fr.ProtocolError(fr.PROTOCOL_ERROR, "header block interrupted")
-            if ftype == fr.DATA:
-                if not sid:
-                    raise fr.ProtocolError(fr.PROTOCOL_ERROR, "DATA on stream 0")
+        on_data = self.on_data
+        for ftype, flags, sid, payload, flow_len in self.reader.feed(data):
+            if ftype == 0 and sid and self._block is None:  # DATA: the hot path
                 self._outstanding += flow_len
                 if self._outstanding > self._conn_window:
                     raise fr.ProtocolError(fr.FLOW_CONTROL_ERROR, "peer exceeded the window")
-                self.on_data(sid, payload, flow_len, flags & fr.FLAG_END_STREAM)
-            elif ftype == fr.HEADERS:
+                on_data(sid, payload, flow_len, flags & 1)
+                continue
+            if self._block is not None and ftype != fr.CONTINUATION:
+                raise fr.ProtocolError(fr.PROTOCOL_ERROR, "header block interrupted")
+            if ftype == fr.DATA:
+                raise fr.ProtocolError(fr.PROTOCOL_ERROR, "DATA on stream 0")
+            if ftype == fr.HEADERS:
                 if not sid:
                     raise fr.ProtocolError(fr.PROTOCOL_ERROR, "HEADERS on stream 0")
                 if flags & fr.FLAG_END_HEADERS:

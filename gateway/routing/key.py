@@ -18,7 +18,7 @@ def context_part(sharedkey: str) -> str:
 
 def authority_name(authority: str) -> str | None:
     """The host of an :authority value when it is a DNS name, else None."""
-    host = authority
+    host = authority.lower()
     if host.startswith("["):
         return None  # bracketed IPv6 literal
     if host.count(":") == 1:
@@ -28,7 +28,7 @@ def authority_name(authority: str) -> str | None:
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        return host.lower()
+        return host
     return None
 
 

@@ -1,0 +1,661 @@
+"""A lean BuildKit-like HTTP/2 sink for the upload benchmark (frame level, asyncio Protocol).
+
+It stands in for buildkitd at the receiving end of a Session-tunnel upload and is cheap enough
+not to be the bottleneck: DATA payloads on Session streams are never copied, only counted (the
+gRPC message prefixes inside them are tracked so message counts can be checked), and a DATA
+frame that straddles two reads is not buffered, only its remaining length is remembered.
+
+Flow control emulates grpc-go's server with BDP estimation, as buildkitd behaves on loopback:
+SETTINGS_INITIAL_WINDOW_SIZE 65535 at first, then raised by further SETTINGS in steps as data
+arrives (64K -> 120K -> 164K -> ... -> 682K), the connection window raised by WINDOW_UPDATE by
+the same difference (a PING is sent with each raise, as the BDP estimator does); credit is
+returned as data is consumed, per stream and per connection, once a quarter of the window is
+unacknowledged (grpc-go's inFlow threshold).
+
+Served paths:
+- /moby.buildkit.v1.Control/Session (bidi): response headers at once plus one small message
+  (the inner connection's preface, as the daemon would send); reads and counts all DATA; after
+  the client's END_STREAM sends trailers grpc-status 0 with x-bench-* counters (bytes, messages,
+  frames received on that stream).
+- /moby.buildkit.v1.Control/Solve (unary): decodes SolveRequest (Ref 1, Session 5) and replies
+  (empty message, grpc-status 0) once the Session with that id has finished (at once if it has).
+- any other path: after the request's END_STREAM, a valid gRPC reply: headers, one message,
+  trailers grpc-status 0. The message is empty except where an empty one would mislead a prober:
+  Health/Check says SERVING, ListWorkers lists one linux/amd64 worker, Info carries a version,
+  and ListenBuildHistory sends no event (an empty event would read as one active build).
+  Subscriptions (Health/Watch, ListenBuildHistory without EarlyExit) stay open until cancelled.
+
+Run standalone: `python bench/sink.py [--port 0]`; prints `SINK READY <port>` on stdout.
+Any HPACK input is accepted (one hpack.Decoder per connection); PING is answered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import struct
+import sys
+
+from hpack import Decoder, Encoder
+
+# Frame types and flags (RFC 9113).
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONT = (
+    range(10)
+)
+END_STREAM = 0x1
+ACK = 0x1
+END_HEADERS = 0x4
+PADDED = 0x8
+PRIORITY_FLAG = 0x20
+
+S_HEADER_TABLE_SIZE = 0x1
+S_ENABLE_PUSH = 0x2
+S_MAX_CONCURRENT_STREAMS = 0x3
+S_INITIAL_WINDOW_SIZE = 0x4
+S_MAX_FRAME_SIZE = 0x5
+S_MAX_HEADER_LIST_SIZE = 0x6
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+FRAME_HDR = struct.Struct(">HBBBI")  # length hi16, length lo8, type, flags, stream id
+U32 = struct.Struct(">I")
+
+SESSION_PATH = "/moby.buildkit.v1.Control/Session"
+SOLVE_PATH = "/moby.buildkit.v1.Control/Solve"
+
+# grpc-go BDP estimation on loopback against buildkitd: the stream/connection window steps.
+WINDOW_STEPS = (65535, 122880, 167936, 229376, 311296, 421888, 524288, 698368)
+DEFAULT_WINDOW = 65535
+
+
+def frame(ftype: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
+    n = len(payload)
+    return FRAME_HDR.pack(n >> 8, n & 0xFF, ftype, flags, sid) + payload
+
+
+def settings_frame(pairs: list[tuple[int, int]]) -> bytes:
+    return frame(SETTINGS, 0, 0, b"".join(struct.pack(">HI", k, v) for k, v in pairs))
+
+
+def window_update(sid: int, inc: int) -> bytes:
+    return frame(WINDOW_UPDATE, 0, sid, U32.pack(inc))
+
+
+def grpc_message(body: bytes) -> bytes:
+    return b"\x00" + U32.pack(len(body)) + body
+
+
+def pb_bytes(field: int, value: bytes) -> bytes:
+    """Protobuf length-delimited field (wire type 2)."""
+    return _varint((field << 3) | 2) + _varint(len(value)) + value
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def pb_fields(buf: bytes) -> dict[int, list[bytes | int]]:
+    """Decode the top-level fields of a protobuf message (varint and length-delimited)."""
+    out: dict[int, list[bytes | int]] = {}
+    i, n = 0, len(buf)
+    while i < n:
+        key, i = _read_varint(buf, i)
+        field, wt = key >> 3, key & 7
+        val: bytes | int
+        if wt == 0:
+            val, i = _read_varint(buf, i)
+        elif wt == 2:
+            ln, i = _read_varint(buf, i)
+            val, i = bytes(buf[i : i + ln]), i + ln
+        elif wt == 1:
+            val, i = int.from_bytes(buf[i : i + 8], "little"), i + 8
+        elif wt == 5:
+            val, i = int.from_bytes(buf[i : i + 4], "little"), i + 4
+        else:
+            raise ValueError(f"unsupported wire type {wt}")
+        out.setdefault(field, []).append(val)
+    return out
+
+
+def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
+    shift = res = 0
+    while True:
+        b = buf[i]
+        i += 1
+        res |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return res, i
+        shift += 7
+
+
+def _canned_reply(path: str) -> bytes | None:
+    """The message body answered on non-Session, non-Solve paths (None: no message)."""
+    if path == "/grpc.health.v1.Health/Check" or path == "/grpc.health.v1.Health/Watch":
+        return b"\x08\x01"  # status: SERVING
+    if path == "/moby.buildkit.v1.Control/ListWorkers":
+        platform = pb_bytes(1, b"amd64") + pb_bytes(2, b"linux")
+        record = pb_bytes(1, b"bench-sink-worker") + pb_bytes(3, platform)
+        return pb_bytes(1, record)
+    if path == "/moby.buildkit.v1.Control/Info":
+        version = pb_bytes(1, b"github.com/moby/buildkit") + pb_bytes(2, b"v0.0.0-bench-sink")
+        return pb_bytes(1, version)
+    if path == "/moby.buildkit.v1.Control/ListenBuildHistory":
+        return None  # zero events: no active builds
+    return b""
+
+
+def _stays_open(path: str, request: bytes) -> bool:
+    """Subscriptions stay open, as on buildkitd, so a prober does not spin re-subscribing:
+    Health/Watch, and ListenBuildHistory without EarlyExit (field 3)."""
+    if path == "/grpc.health.v1.Health/Watch":
+        return True
+    if path != "/moby.buildkit.v1.Control/ListenBuildHistory":
+        return False
+    try:
+        fields = pb_fields(request[5:]) if len(request) >= 5 else {}
+    except (ValueError, IndexError):
+        return False
+    return not fields.get(3, [0])[0]
+
+
+class SinkServer:
+    """Server-wide state: finished sessions (id -> counters) and Solves waiting for them."""
+
+    def __init__(self, *, steps: tuple[int, ...] = WINDOW_STEPS, verbose: bool = False) -> None:
+        self.steps = steps
+        self.verbose = verbose
+        self.finished: dict[str, tuple[int, int, int]] = {}
+        self.waiting: dict[str, list[tuple[SinkConn, int]]] = {}
+        self.conns = 0
+
+    def session_done(self, sid_str: str, stats: tuple[int, int, int]) -> None:
+        self.finished[sid_str] = stats
+        if len(self.finished) > 10000:  # bounded memory over long runs
+            for k in list(self.finished)[:5000]:
+                del self.finished[k]
+        for conn, stream_id in self.waiting.pop(sid_str, []):
+            conn.reply_solve(stream_id)
+
+
+class Stream:
+    __slots__ = (
+        "cont",
+        "data",
+        "end_remote",
+        "frames",
+        "hblock",
+        "headers_done",
+        "id",
+        "is_session",
+        "msg_left",
+        "msgs",
+        "nbytes",
+        "path",
+        "pfx",
+        "recv_unacked",
+        "send_win",
+        "session_id",
+    )
+
+    def __init__(self, sid: int, send_win: int) -> None:
+        self.id = sid
+        self.path = ""
+        self.is_session = False
+        self.session_id = ""
+        self.data = bytearray()
+        self.end_remote = False
+        self.headers_done = False
+        self.hblock = bytearray()
+        self.cont = False
+        self.nbytes = 0
+        self.msgs = 0
+        self.frames = 0
+        self.msg_left = 0
+        self.pfx = bytearray()
+        self.recv_unacked = 0
+        self.send_win = send_win
+
+
+class SinkConn(asyncio.Protocol):
+    def __init__(self, server: SinkServer) -> None:
+        self.server = server
+        self.steps = server.steps
+        self.t: asyncio.Transport | None = None
+        self.buf = bytearray()  # an incomplete non-DATA frame (or padded DATA frame)
+        self.preface_left = len(PREFACE)
+        self.data_left = 0  # bytes of a straddling DATA frame's payload still to come
+        self.data_stream: Stream | None = None
+        self.streams: dict[int, Stream] = {}
+        self.out: list[bytes] = []
+        self.dec = Decoder()
+        self.dec.max_header_list_size = 64 << 20
+        self.enc = Encoder()
+        self.peer_max_frame = 16384
+        self.peer_init_win = DEFAULT_WINDOW
+        self.conn_send_win = DEFAULT_WINDOW
+        self.pending: list[tuple[int, bytes, bool, list[tuple[str, str]] | None]] = []
+        # receive side (grpc-go BDP emulation)
+        self.step = 0
+        self.recv_limit = self.steps[0]  # current stream and connection limit
+        self.conn_unacked = 0
+        self.total = 0
+        self.next_raise = 2 * self.steps[0]
+        self.last_sid = 0
+        self.ping_seq = 0
+
+    # --- transport callbacks -------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t = transport  # type: ignore[assignment]
+        self.server.conns += 1
+        self.t.write(
+            settings_frame(
+                [
+                    (S_MAX_FRAME_SIZE, 16384),
+                    (S_INITIAL_WINDOW_SIZE, self.steps[0]),
+                    (S_MAX_HEADER_LIST_SIZE, 16 << 20),
+                ]
+            )
+        )
+        if self.steps[0] > DEFAULT_WINDOW:  # the connection window always starts at 65535
+            self.t.write(window_update(0, self.steps[0] - DEFAULT_WINDOW))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.t = None
+        for waiters in self.server.waiting.values():
+            waiters[:] = [w for w in waiters if w[0] is not self]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._feed(data)
+        except Exception as e:  # a broken peer: say so and close, never hang
+            print(f"sink: connection error: {e!r}", file=sys.stderr, flush=True)
+            self.out.append(frame(GOAWAY, 0, 0, U32.pack(self.last_sid) + U32.pack(1)))
+            self._flush()
+            if self.t:
+                self.t.close()
+            return
+        self._flush()
+
+    def _flush(self) -> None:
+        if self.out and self.t is not None:
+            self.t.write(b"".join(self.out))
+        self.out.clear()
+
+    # --- parsing ------------------------------------------------------------------------
+    def _feed(self, data: bytes) -> None:
+        n = len(data)
+        pos = 0
+        if self.preface_left:
+            k = min(self.preface_left, n)
+            start = len(PREFACE) - self.preface_left
+            if data[:k] != PREFACE[start : start + k]:
+                raise ValueError("bad connection preface")
+            self.preface_left -= k
+            pos = k
+        if self.data_left:
+            k = min(self.data_left, n - pos)
+            st = self.data_stream
+            if st is not None:
+                self._data_payload(st, data, pos, pos + k)
+            self.data_left -= k
+            pos += k
+            if self.data_left == 0 and st is not None and st.end_remote:
+                self._end_remote(st)
+            if pos == n:
+                return
+        if self.buf:
+            # complete only the frame that straddles two reads
+            need = 9 - len(self.buf)
+            if need > 0:
+                take = min(need, n - pos)
+                self.buf += data[pos : pos + take]
+                pos += take
+                if len(self.buf) < 9:
+                    return
+            b = self.buf
+            flen = (b[0] << 16) | (b[1] << 8) | b[2]
+            ftype = b[3]
+            if ftype == DATA and not b[4] & PADDED and len(b) == 9:
+                self.buf = bytearray()
+                pos = self._data_frame(
+                    b[4], U32.unpack_from(b, 5)[0] & 0x7FFFFFFF, flen, data, pos, n
+                )
+            else:
+                take = min(9 + flen - len(b), n - pos)
+                b += data[pos : pos + take]
+                pos += take
+                if len(b) < 9 + flen:
+                    return
+                self.buf = bytearray()
+                self._frame(ftype, b[4], U32.unpack_from(b, 5)[0] & 0x7FFFFFFF, bytes(b[9:]))
+        while pos < n:
+            if n - pos < 9:
+                self.buf = bytearray(data[pos:])
+                return
+            flen = (data[pos] << 16) | (data[pos + 1] << 8) | data[pos + 2]
+            ftype = data[pos + 3]
+            flags = data[pos + 4]
+            sid = U32.unpack_from(data, pos + 5)[0] & 0x7FFFFFFF
+            if ftype == DATA and not flags & PADDED:
+                pos = self._data_frame(flags, sid, flen, data, pos + 9, n)
+                continue
+            end = pos + 9 + flen
+            if end > n:
+                self.buf = bytearray(data[pos:])
+                return
+            self._frame(ftype, flags, sid, data[pos + 9 : end])
+            pos = end
+
+    def _data_frame(self, flags: int, sid: int, flen: int, data: bytes, pos: int, n: int) -> int:
+        """An unpadded DATA frame whose payload starts at data[pos]; may run past this read."""
+        st = self._recv_credit(sid, flen)
+        avail = min(flen, n - pos)
+        if st is not None:
+            if flen:
+                st.frames += 1
+            if flags & END_STREAM:
+                st.end_remote = True
+            if avail:
+                self._data_payload(st, data, pos, pos + avail)
+        if avail < flen:
+            self.data_left = flen - avail
+            self.data_stream = st
+            return n
+        if st is not None and flags & END_STREAM:
+            self._end_remote(st)
+        return pos + flen
+
+    def _data_payload(self, st: Stream, data: bytes, start: int, end: int) -> None:
+        st.nbytes += end - start
+        if not st.is_session:
+            st.data += data[start:end]
+            return
+        # track gRPC message boundaries without copying the payload
+        while start < end:
+            if st.msg_left:
+                k = min(st.msg_left, end - start)
+                st.msg_left -= k
+                start += k
+            else:
+                need = 5 - len(st.pfx)
+                take = min(need, end - start)
+                st.pfx += data[start : start + take]
+                start += take
+                if len(st.pfx) == 5:
+                    st.msgs += 1
+                    st.msg_left = U32.unpack_from(st.pfx, 1)[0]
+                    st.pfx.clear()
+
+    def _recv_credit(self, sid: int, flen: int) -> Stream | None:
+        """Flow-control accounting for a DATA frame (grpc-go inFlow + BDP emulation)."""
+        self.conn_unacked += flen
+        self.total += flen
+        out = self.out
+        limit = self.recv_limit
+        if self.conn_unacked >= limit >> 2:
+            out.append(window_update(0, self.conn_unacked))
+            self.conn_unacked = 0
+        st = self.streams.get(sid)
+        if st is not None and not st.end_remote:
+            st.recv_unacked += flen
+            if st.recv_unacked >= limit >> 2:
+                out.append(window_update(sid, st.recv_unacked))
+                st.recv_unacked = 0
+        if self.total >= self.next_raise and self.step + 1 < len(self.steps):
+            self.step += 1
+            new = self.steps[self.step]
+            self.ping_seq += 1
+            out.append(frame(PING, 0, 0, struct.pack(">Q", self.ping_seq)))
+            out.append(window_update(0, new - limit))
+            out.append(settings_frame([(S_INITIAL_WINDOW_SIZE, new)]))
+            self.recv_limit = new
+            self.next_raise = self.total + 2 * new
+        return st
+
+    def _frame(self, ftype: int, flags: int, sid: int, payload: bytes | bytearray) -> None:
+        if ftype == HEADERS or ftype == CONT:
+            self._headers(ftype, flags, sid, payload)
+        elif ftype == DATA:  # padded DATA (rare): strip padding
+            st = self._recv_credit(sid, len(payload))
+            body = payload
+            if flags & PADDED:
+                pad = payload[0]
+                body = payload[1 : len(payload) - pad]
+            if st is not None:
+                st.frames += 1 if body else 0
+                self._data_payload(st, bytes(body), 0, len(body))
+                if flags & END_STREAM:
+                    st.end_remote = True
+                    self._end_remote(st)
+        elif ftype == SETTINGS:
+            if flags & ACK:
+                return
+            for i in range(0, len(payload) - 5, 6):
+                key, val = struct.unpack_from(">HI", payload, i)
+                if key == S_INITIAL_WINDOW_SIZE:
+                    delta = val - self.peer_init_win
+                    self.peer_init_win = val
+                    for st in self.streams.values():
+                        st.send_win += delta
+                elif key == S_MAX_FRAME_SIZE:
+                    self.peer_max_frame = val
+                elif key == S_HEADER_TABLE_SIZE:
+                    self.enc.header_table_size = min(val, 4096)
+            self.out.append(frame(SETTINGS, ACK, 0))
+            self._send_pending()
+        elif ftype == PING:
+            if not flags & ACK:
+                self.out.append(frame(PING, ACK, 0, bytes(payload)))
+        elif ftype == WINDOW_UPDATE:
+            inc = U32.unpack_from(payload)[0] & 0x7FFFFFFF
+            if sid == 0:
+                self.conn_send_win += inc
+            elif sid in self.streams:
+                self.streams[sid].send_win += inc
+            self._send_pending()
+        elif ftype == RST_STREAM:
+            st = self.streams.pop(sid, None)
+            if st is not None and st.is_session and not st.end_remote:
+                st.end_remote = True
+                self.server.session_done(st.session_id, (st.nbytes, st.msgs, st.frames))
+            self.pending = [p for p in self.pending if p[0] != sid]
+        elif ftype == GOAWAY:
+            pass  # the peer drains; our replies still go out
+        # PRIORITY, PUSH_PROMISE and unknown types are ignored
+
+    def _headers(self, ftype: int, flags: int, sid: int, payload: bytes | bytearray) -> None:
+        if ftype == HEADERS:
+            off, end = 0, len(payload)
+            if flags & PADDED:
+                off = 1
+                end -= payload[0]
+            if flags & PRIORITY_FLAG:
+                off += 5
+            st = self.streams.get(sid)
+            if st is None:
+                st = Stream(sid, self.peer_init_win)
+                self.streams[sid] = st
+                self.last_sid = max(self.last_sid, sid)
+            st.hblock = bytearray(payload[off:end])
+            if flags & END_STREAM:
+                st.end_remote = True
+        else:
+            st = self.streams.get(sid)
+            if st is None:
+                # CONTINUATION of a stream we no longer track: decode to keep HPACK in sync
+                st = Stream(sid, 0)
+                self.streams[sid] = st
+            st.hblock += payload
+        if not flags & END_HEADERS:
+            return
+        headers = self.dec.decode(bytes(st.hblock))
+        st.hblock = bytearray()
+        if st.headers_done:  # trailers
+            if st.end_remote:
+                self._end_remote(st)
+            return
+        st.headers_done = True
+        hd: dict[str, str] = {}
+        for k, v in headers:
+            hd.setdefault(k, v)
+        st.path = hd.get(":path", "")
+        if st.path == SESSION_PATH:
+            st.is_session = True
+            st.session_id = hd.get("x-docker-expose-session-uuid", "")
+            self._send_headers(sid, [(":status", "200"), ("content-type", "application/grpc")])
+            # the daemon's side of the inner h2c connection opens with a few bytes
+            self._send_data(sid, grpc_message(pb_bytes(1, b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")))
+        if st.end_remote:
+            self._end_remote(st)
+
+    def _end_remote(self, st: Stream) -> None:
+        if st.is_session:
+            trailers = [
+                ("grpc-status", "0"),
+                ("x-bench-bytes", str(st.nbytes)),
+                ("x-bench-messages", str(st.msgs)),
+                ("x-bench-frames", str(st.frames)),
+            ]
+            self._send_headers(st.id, trailers, end=True)
+            self.server.session_done(st.session_id, (st.nbytes, st.msgs, st.frames))
+            if self.server.verbose:
+                print(
+                    f"sink: session {st.session_id} {st.nbytes} B {st.msgs} msgs "
+                    f"{st.frames} frames",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        elif st.path == SOLVE_PATH:
+            session = ""
+            try:
+                raw = bytes(st.data)
+                if len(raw) >= 5:
+                    fields = pb_fields(raw[5 : 5 + U32.unpack_from(raw, 1)[0]])
+                    v = fields.get(5, [b""])[0]
+                    session = v.decode() if isinstance(v, bytes) else ""
+            except Exception as e:
+                print(f"sink: bad SolveRequest: {e!r}", file=sys.stderr, flush=True)
+            if not session or session in self.server.finished:
+                self.reply_solve(st.id)
+            else:
+                self.server.waiting.setdefault(session, []).append((self, st.id))
+        else:
+            body = _canned_reply(st.path)
+            self._send_headers(st.id, [(":status", "200"), ("content-type", "application/grpc")])
+            if body is not None:
+                self._send_data(st.id, grpc_message(body))
+            if not _stays_open(st.path, bytes(st.data)):
+                self._send_headers(st.id, [("grpc-status", "0")], end=True)
+        st.data = bytearray()
+
+    def reply_solve(self, sid: int) -> None:
+        if sid not in self.streams:
+            return
+        self._send_headers(sid, [(":status", "200"), ("content-type", "application/grpc")])
+        self._send_data(sid, grpc_message(b""))
+        self._send_headers(sid, [("grpc-status", "0")], end=True)
+        self._flush()
+
+    # --- sending (small replies only; honours the peer's windows) -------------------------
+    def _send_headers(self, sid: int, headers: list[tuple[str, str]], end: bool = False) -> None:
+        if any(p[0] == sid for p in self.pending):  # keep order behind queued DATA
+            self.pending.append((sid, b"", end, headers))
+            return
+        self._write_headers(sid, headers, end)
+
+    def _write_headers(self, sid: int, headers: list[tuple[str, str]], end: bool) -> None:
+        block = self.enc.encode(headers)
+        mf = self.peer_max_frame
+        first, rest = block[:mf], block[mf:]
+        flags = (END_STREAM if end else 0) | (0 if rest else END_HEADERS)
+        self.out.append(frame(HEADERS, flags, sid, first))
+        while rest:
+            chunk, rest = rest[:mf], rest[mf:]
+            self.out.append(frame(CONT, 0 if rest else END_HEADERS, sid, chunk))
+        if end:
+            st = self.streams.get(sid)
+            if st is not None and st.end_remote:
+                del self.streams[sid]
+
+    def _send_data(self, sid: int, data: bytes) -> None:
+        self.pending.append((sid, data, False, None))
+        self._send_pending()
+
+    def _send_pending(self) -> None:
+        keep = []
+        blocked: set[int] = set()
+        for item in self.pending:
+            sid, data, end, headers = item
+            if sid in blocked:
+                keep.append(item)
+                continue
+            if headers is not None:
+                self._write_headers(sid, headers, end)
+                continue
+            st = self.streams.get(sid)
+            win = min(self.conn_send_win, st.send_win if st else 0)
+            if len(data) > win or st is None:
+                if st is not None:
+                    blocked.add(sid)
+                    keep.append(item)
+                continue
+            self.conn_send_win -= len(data)
+            st.send_win -= len(data)
+            for i in range(0, len(data), self.peer_max_frame):
+                self.out.append(frame(DATA, 0, sid, data[i : i + self.peer_max_frame]))
+        self.pending = keep
+
+
+async def serve(host: str, port: int, verbose: bool = False) -> None:
+    loop = asyncio.get_running_loop()
+    server = SinkServer(verbose=verbose)
+    srv = await loop.create_server(lambda: SinkConn(server), host, port, backlog=128)
+    sock = srv.sockets[0]
+    print(f"SINK READY {sock.getsockname()[1]}", flush=True)
+    stop = asyncio.Event()
+    for s in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(s, stop.set)
+    await stop.wait()
+    srv.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args()
+    if sys.platform.startswith("linux"):
+        _die_with_parent()
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(args.host, args.port, args.verbose))
+        return
+    uvloop.run(serve(args.host, args.port, args.verbose))
+
+
+def _die_with_parent() -> None:
+    """Exit if the benchmark that started us dies (PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:
+            sys.exit(0)
+    except Exception:
+        pass
+
+
+if __name__ == "__main__":
+    main()

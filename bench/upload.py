@@ -1,0 +1,1102 @@
+"""Session-tunnel upload benchmark: direct vs HAProxy `mode tcp` vs buildkit-gateway, one run.
+
+What one upload is (see bench/README.md): a frame-level client that behaves like grpc-go/buildctl
+connects, waits for the server's SETTINGS, opens `Control/Session` (session headers) and
+`Control/Solve` (SolveRequest{Ref, Session}) on the same connection, streams SIZE MB through the
+Session as gRPC BytesMessage messages (~10 KB on average) in DATA frames of at most 16384 bytes,
+honouring the server's windows exactly as grpc-go does (one message never shares a frame; a
+frame is cut to the window left), half-closes, and waits for the Solve response (the timer stops
+there) and the Session trailers. The sink (bench/sink.py, a separate process) emulates
+buildkitd's windows (64 KB raised in steps to 682 KB) and reports what it received.
+
+Legs run interleaved, each a few times; the median time gives the ratio direct/path (1.0 means
+the proxy costs nothing; higher is better). The proxy's CPU per upload is its on-CPU time (all
+threads and descendants, /proc/PID/task/*/schedstat) before and after each upload.
+
+  .venv/bin/python bench/upload.py [--size-mb 200] [--repeats 9] [--legs direct,haproxy,gateway]
+      [--gateway-cmd 'CMD ...'] [--haproxy PATH] [--msg-sizes 24000,4000,2500] [--timeout 30]
+      [--ready-timeout 15] [--deadline 140] [--json FILE] [--keep-logs]
+"""
+
+# ruff: noqa: ASYNC221, ASYNC240
+# (a benchmark driver: blocking process and file calls happen outside the timed uploads)
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from hpack import Decoder, Encoder
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sink import (
+    ACK,
+    CONT,
+    DATA,
+    END_HEADERS,
+    END_STREAM,
+    FRAME_HDR,
+    GOAWAY,
+    HEADERS,
+    PADDED,
+    PING,
+    PREFACE,
+    PRIORITY_FLAG,
+    RST_STREAM,
+    S_ENABLE_PUSH,
+    S_HEADER_TABLE_SIZE,
+    S_INITIAL_WINDOW_SIZE,
+    S_MAX_FRAME_SIZE,
+    S_MAX_HEADER_LIST_SIZE,
+    SESSION_PATH,
+    SETTINGS,
+    SOLVE_PATH,
+    U32,
+    WINDOW_UPDATE,
+    frame,
+    grpc_message,
+    pb_bytes,
+    settings_frame,
+    window_update,
+)
+
+BENCH_DIR = Path(__file__).resolve().parent
+SHARED_KEY = "bench:0011223344556677"
+MAX_FRAME = 16384
+# BytesMessage.data sizes, cycled: mean ~10 KB, and ~1.35 DATA frames per message as measured
+# with buildctl against buildkitd (inner h2c writes of up to ~24 KB plus small control writes).
+DEFAULT_MSG_SIZES = (24000, 4000, 2500)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+_B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def random_id() -> str:
+    """25-char base-36 id, like buildkit's identity.NewID()."""
+    n = int.from_bytes(secrets.token_bytes(16), "big")
+    out = []
+    for _ in range(25):
+        n, r = divmod(n, 36)
+        out.append(_B36[r])
+    return "".join(out)
+
+
+# ----------------------------------------------------------------------------------------
+# payload
+
+
+class Payload:
+    """The whole Session stream, pre-built once: concatenated gRPC-framed BytesMessages."""
+
+    def __init__(self, size: int, msg_sizes: tuple[int, ...]) -> None:
+        pattern = os.urandom(1 << 20)
+        parts: list[bytes] = []
+        ends: list[int] = []
+        total = 0
+        done = 0
+        i = 0
+        while done < size:
+            n = min(msg_sizes[i % len(msg_sizes)], size - done)
+            i += 1
+            off = (done * 7) % ((1 << 20) - n)
+            body = pb_bytes(1, pattern[off : off + n])
+            msg = grpc_message(body)
+            parts.append(msg)
+            total += len(msg)
+            ends.append(total)
+            done += n
+        self.blob = b"".join(parts)
+        self.view = memoryview(self.blob)
+        self.msg_ends = ends
+        self.data_bytes = size
+        self.wire_bytes = total
+        self.messages = len(ends)
+
+
+# ----------------------------------------------------------------------------------------
+# client
+
+
+class UploadError(Exception):
+    pass
+
+
+@dataclass
+class UploadResult:
+    seconds: float
+    frames: int  # DATA frames with payload sent on the Session stream
+    window_waits: int  # times the sender stopped for window
+    sink_bytes: int | None
+    sink_messages: int | None
+    sink_frames: int | None
+    wire_bytes: int
+
+
+class _Stream:
+    __slots__ = ("ended", "hblock", "headers", "recv_data", "send_win", "trailers")
+
+    def __init__(self, win: int) -> None:
+        self.send_win = win
+        self.headers: list[tuple[str, str]] | None = None
+        self.trailers: list[tuple[str, str]] | None = None
+        self.hblock = bytearray()
+        self.recv_data = 0
+        self.ended = False
+
+
+class UploadClient(asyncio.Protocol):
+    """One grpc-go-like client connection doing Session + Solve."""
+
+    SESSION_SID = 1
+    SOLVE_SID = 3
+
+    def __init__(self, payload: Payload, authority: str, session_id: str, ref: str) -> None:
+        self.p = payload
+        self.authority = authority
+        self.session_id = session_id
+        self.ref = ref
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        self.t: asyncio.Transport | None = None
+        self.settings_seen = loop.create_future()
+        self.done = loop.create_future()
+        self.solve_done_at: float | None = None
+        self.buf = bytearray()
+        self.dec = Decoder()
+        self.dec.max_header_list_size = 64 << 20
+        self.enc = Encoder()
+        self.peer_init_win = 65535
+        self.peer_max_frame = 16384
+        self.conn_win = 65535
+        self.streams = {
+            self.SESSION_SID: _Stream(65535),
+            self.SOLVE_SID: _Stream(65535),
+        }
+        self.started = False
+        self.paused = False
+        # sender state
+        self.off = 0
+        self.msg_idx = 0
+        self.frames = 0
+        self.window_waits = 0
+        self.blocked = False
+        self.sent_end = False
+        self.recv_unacked = 0
+
+    # --- transport callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t = transport  # type: ignore[assignment]
+        self.t.set_write_buffer_limits(high=1 << 20)
+        self.t.write(
+            PREFACE + settings_frame([(S_ENABLE_PUSH, 0), (S_MAX_HEADER_LIST_SIZE, 16 << 20)])
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(UploadError(f"connection lost: {exc or 'closed by peer'}"))
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self._pump()
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        pos = 0
+        n = len(buf)
+        out: list[bytes] = []
+        try:
+            while n - pos >= 9:
+                flen = (buf[pos] << 16) | (buf[pos + 1] << 8) | buf[pos + 2]
+                if n - pos < 9 + flen:
+                    break
+                ftype = buf[pos + 3]
+                flags = buf[pos + 4]
+                sid = U32.unpack_from(buf, pos + 5)[0] & 0x7FFFFFFF
+                payload = bytes(buf[pos + 9 : pos + 9 + flen])
+                pos += 9 + flen
+                self._frame(ftype, flags, sid, payload, out)
+        except UploadError as e:
+            self._fail(e)
+        except Exception as e:
+            self._fail(UploadError(f"client protocol error: {e!r}"))
+        del buf[:pos]
+        if out and self.t is not None:
+            self.t.write(b"".join(out))
+        if self.started:
+            self._pump()
+
+    def _fail(self, exc: Exception) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
+        if not self.settings_seen.done():
+            self.settings_seen.set_exception(exc)
+        for fut in (self.done, self.settings_seen):  # mark retrieved if nobody awaits it
+            if fut.done() and not fut.cancelled():
+                fut.exception()
+
+    def _frame(self, ftype: int, flags: int, sid: int, payload: bytes, out: list[bytes]) -> None:
+        if ftype == SETTINGS:
+            if flags & ACK:
+                return
+            for i in range(0, len(payload) - 5, 6):
+                key = (payload[i] << 8) | payload[i + 1]
+                val = U32.unpack_from(payload, i + 2)[0]
+                if key == S_INITIAL_WINDOW_SIZE:
+                    delta = val - self.peer_init_win
+                    self.peer_init_win = val
+                    for st in self.streams.values():
+                        st.send_win += delta
+                elif key == S_MAX_FRAME_SIZE:
+                    self.peer_max_frame = val
+                elif key == S_HEADER_TABLE_SIZE:
+                    self.enc.header_table_size = min(val, 4096)
+            out.append(frame(SETTINGS, ACK, 0))
+            if not self.settings_seen.done():
+                self.settings_seen.set_result(None)
+        elif ftype == WINDOW_UPDATE:
+            inc = U32.unpack_from(payload)[0] & 0x7FFFFFFF
+            if sid == 0:
+                self.conn_win += inc
+            elif sid in self.streams:
+                self.streams[sid].send_win += inc
+        elif ftype == PING:
+            if not flags & ACK:
+                out.append(frame(PING, ACK, 0, payload))
+        elif ftype == DATA:
+            st = self.streams.get(sid)
+            if st is not None:
+                st.recv_data += len(payload)
+            if payload:
+                self.recv_unacked += len(payload)
+                if self.recv_unacked >= 16384:
+                    out.append(window_update(0, self.recv_unacked))
+                    if st is not None and not st.ended:
+                        out.append(window_update(sid, self.recv_unacked))
+                    self.recv_unacked = 0
+            if flags & END_STREAM and st is not None:
+                self._stream_ended(sid, st)
+        elif ftype == HEADERS or ftype == CONT:
+            st = self.streams.get(sid)
+            if st is None:
+                raise UploadError(f"HEADERS on unknown stream {sid}")
+            if ftype == HEADERS:
+                off, end = 0, len(payload)
+                if flags & PADDED:
+                    off, end = 1, end - payload[0]
+                if flags & PRIORITY_FLAG:
+                    off += 5
+                st.hblock = bytearray(payload[off:end])
+                if flags & END_STREAM:
+                    st.ended = True  # applied once the block is complete
+            else:
+                st.hblock += payload
+            if flags & END_HEADERS:
+                hdrs = [(str(k), str(v)) for k, v in self.dec.decode(bytes(st.hblock))]
+                st.hblock = bytearray()
+                if st.headers is None and not any(k == "grpc-status" for k, _ in hdrs):
+                    st.headers = hdrs
+                else:
+                    st.trailers = hdrs
+                if st.ended:
+                    st.ended = False
+                    self._stream_ended(sid, st)
+        elif ftype == RST_STREAM:
+            code = U32.unpack_from(payload)[0]
+            raise UploadError(f"stream {sid} reset by peer (error code {code})")
+        elif ftype == GOAWAY:
+            last, code = U32.unpack_from(payload)[0] & 0x7FFFFFFF, U32.unpack_from(payload, 4)[0]
+            msg = payload[8:].decode(errors="replace")
+            if code != 0 or last < self.SOLVE_SID:
+                raise UploadError(f"GOAWAY last={last} code={code} {msg!r}")
+
+    def _stream_ended(self, sid: int, st: _Stream) -> None:
+        st.ended = True
+        trailers = dict(st.trailers or st.headers or [])
+        status = trailers.get("grpc-status")
+        if status != "0":
+            raise UploadError(
+                f"stream {sid} ({'Session' if sid == 1 else 'Solve'}) ended with grpc-status "
+                f"{status} {trailers.get('grpc-message', '')!r}"
+            )
+        if sid == self.SOLVE_SID:
+            self.solve_done_at = time.perf_counter()
+        if all(s.ended for s in self.streams.values()) and not self.done.done():
+            self.done.set_result(None)
+
+    # --- sending
+    def start(self) -> None:
+        """Both HEADERS at once (Session first), the Solve request, then the upload."""
+        common = [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":authority", self.authority),
+            ("content-type", "application/grpc"),
+            ("user-agent", "grpc-go/1.66.3"),
+            ("te", "trailers"),
+        ]
+        session_hdrs = [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", SESSION_PATH),
+            *common[2:],
+            ("x-docker-expose-session-uuid", self.session_id),
+            ("x-docker-expose-session-sharedkey", SHARED_KEY),
+            ("x-docker-expose-session-grpc-method", "/moby.filesync.v1.FileSync/DiffCopy"),
+            ("x-docker-expose-session-grpc-method", "/moby.filesync.v1.FileSync/TarStream"),
+            ("x-docker-expose-session-grpc-method", "/grpc.health.v1.Health/Check"),
+        ]
+        solve_hdrs = [(":method", "POST"), (":scheme", "http"), (":path", SOLVE_PATH), *common[2:]]
+        solve_req = grpc_message(
+            pb_bytes(1, self.ref.encode()) + pb_bytes(5, self.session_id.encode())
+        )
+        out = [
+            self._headers_frames(self.SESSION_SID, session_hdrs),
+            self._headers_frames(self.SOLVE_SID, solve_hdrs),
+        ]
+        st = self.streams[self.SOLVE_SID]
+        if len(solve_req) > min(st.send_win, self.conn_win):
+            raise UploadError("no window for the Solve request")
+        st.send_win -= len(solve_req)
+        self.conn_win -= len(solve_req)
+        out.append(frame(DATA, END_STREAM, self.SOLVE_SID, solve_req))
+        assert self.t is not None
+        self.t.write(b"".join(out))
+        self.started = True
+        self._pump()
+
+    def _headers_frames(self, sid: int, hdrs: list[tuple[str, str]]) -> bytes:
+        block = self.enc.encode(hdrs)
+        mf = self.peer_max_frame
+        parts = [frame(HEADERS, 0 if len(block) > mf else END_HEADERS, sid, block[:mf])]
+        rest = block[mf:]
+        while rest:
+            chunk, rest = rest[:mf], rest[mf:]
+            parts.append(frame(CONT, 0 if rest else END_HEADERS, sid, chunk))
+        return b"".join(parts)
+
+    def _pump(self) -> None:
+        """Send as many DATA frames as the windows allow (grpc-go loopy-writer rules)."""
+        if self.sent_end or self.paused or self.t is None or self.done.done():
+            return
+        st = self.streams[self.SESSION_SID]
+        view = self.p.view
+        ends = self.p.msg_ends
+        total = self.p.wire_bytes
+        off = self.off
+        idx = self.msg_idx
+        maxf = min(MAX_FRAME, self.peer_max_frame)
+        pack = FRAME_HDR.pack
+        sid = self.SESSION_SID
+        parts: list[bytes | memoryview] = []
+        batch = 0
+        frames = 0
+        swin, cwin = st.send_win, self.conn_win
+        while off < total:
+            win = swin if swin < cwin else cwin
+            if win <= 0:
+                if not self.blocked:
+                    self.blocked = True
+                    self.window_waits += 1
+                break
+            self.blocked = False
+            end = ends[idx]
+            n = end - off
+            if n > maxf:
+                n = maxf
+            if n > win:
+                n = win
+            parts.append(pack(n >> 8, n & 0xFF, DATA, 0, sid))
+            parts.append(view[off : off + n])
+            off += n
+            swin -= n
+            cwin -= n
+            frames += 1
+            if off == end:
+                idx += 1
+            batch += n
+            if batch >= 262144:
+                self.t.writelines(parts)
+                parts = []
+                batch = 0
+                if self.paused:
+                    break
+        st.send_win, self.conn_win = swin, cwin
+        self.off = off
+        self.msg_idx = idx
+        self.frames += frames
+        if off >= total and not self.sent_end:
+            parts.append(frame(DATA, END_STREAM, sid))  # CloseSend
+            self.sent_end = True
+        if parts:
+            self.t.writelines(parts)
+
+
+async def upload_once(port: int, payload: Payload, timeout: float) -> UploadResult:
+    loop = asyncio.get_running_loop()
+    session_id, ref = random_id(), random_id()
+    t0 = time.perf_counter()
+    transport = None
+    try:
+        async with asyncio.timeout(timeout):
+            transport, client = await loop.create_connection(
+                lambda: UploadClient(payload, f"127.0.0.1:{port}", session_id, ref),
+                "127.0.0.1",
+                port,
+            )
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await client.settings_seen  # grpc-go waits for the server preface
+            client.start()
+            await client.done
+    except TimeoutError:
+        raise UploadError(f"upload did not finish within {timeout:.0f} s") from None
+    finally:
+        if transport is not None:
+            transport.close()
+    assert client.solve_done_at is not None
+    tr = dict(client.streams[UploadClient.SESSION_SID].trailers or [])
+
+    def num(k: str) -> int | None:
+        v = tr.get(k)
+        return int(v) if v and v.isdigit() else None
+
+    res = UploadResult(
+        seconds=client.solve_done_at - t0,
+        frames=client.frames,
+        window_waits=client.window_waits,
+        sink_bytes=num("x-bench-bytes"),
+        sink_messages=num("x-bench-messages"),
+        sink_frames=num("x-bench-frames"),
+        wire_bytes=payload.wire_bytes,
+    )
+    if res.sink_bytes is not None and res.sink_bytes != payload.wire_bytes:
+        raise UploadError(f"sink received {res.sink_bytes} bytes, sent {payload.wire_bytes}")
+    if res.sink_messages is not None and res.sink_messages != payload.messages:
+        raise UploadError(f"sink counted {res.sink_messages} messages, sent {payload.messages}")
+    return res
+
+
+async def grpc_unary_ok(port: int, path: str, timeout: float) -> str:
+    """One unary gRPC call with an empty request; returns grpc-status (or raises)."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[str] = loop.create_future()
+
+    class P(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.buf = bytearray()
+            self.dec = Decoder()
+            self.t: asyncio.Transport | None = None
+            self.sent = False
+
+        def connection_made(self, t: asyncio.BaseTransport) -> None:
+            self.t = t  # type: ignore[assignment]
+            self.t.write(PREFACE + settings_frame([]))
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if not fut.done():
+                fut.set_exception(UploadError(f"connection closed ({exc})"))
+
+        def data_received(self, data: bytes) -> None:
+            self.buf += data
+            assert self.t is not None
+            while len(self.buf) >= 9:
+                flen = int.from_bytes(self.buf[:3], "big")
+                if len(self.buf) < 9 + flen:
+                    return
+                ftype, flags = self.buf[3], self.buf[4]
+                body = bytes(self.buf[9 : 9 + flen])
+                del self.buf[: 9 + flen]
+                if ftype == SETTINGS and not flags & ACK:
+                    self.t.write(frame(SETTINGS, ACK, 0))
+                    if not self.sent:
+                        self.sent = True
+                        hb = Encoder().encode(
+                            [
+                                (":method", "POST"),
+                                (":scheme", "http"),
+                                (":path", path),
+                                (":authority", f"127.0.0.1:{port}"),
+                                ("content-type", "application/grpc"),
+                                ("te", "trailers"),
+                            ]
+                        )
+                        self.t.write(
+                            frame(HEADERS, END_HEADERS, 1, hb)
+                            + frame(DATA, END_STREAM, 1, grpc_message(b""))
+                        )
+                elif ftype == PING and not flags & ACK:
+                    self.t.write(frame(PING, ACK, 0, body))
+                elif ftype == HEADERS:
+                    if flags & PADDED:
+                        body = body[1 : len(body) - body[0]]
+                    if flags & PRIORITY_FLAG:
+                        body = body[5:]
+                    hdrs = dict(self.dec.decode(body))
+                    if "grpc-status" in hdrs and not fut.done():
+                        fut.set_result(str(hdrs["grpc-status"]))
+                elif ftype in (RST_STREAM, GOAWAY) and not fut.done():
+                    fut.set_exception(UploadError(f"frame type {ftype} from peer"))
+
+    transport = None
+    try:
+        async with asyncio.timeout(timeout):
+            transport, _ = await loop.create_connection(P, "127.0.0.1", port)
+            return await fut
+    except TimeoutError:
+        raise UploadError("no answer") from None
+    finally:
+        if transport is not None:
+            transport.close()
+
+
+# ----------------------------------------------------------------------------------------
+# processes
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU time of pid and its live descendants, from /proc, in seconds, two ways:
+    (on-CPU time summed over every thread from /proc/P/task/T/schedstat, ns resolution;
+     utime+stime from /proc/P/stat, clock ticks: 10 ms resolution)."""
+    ticks = 0
+    ns = 0
+    for p in [pid, *_descendants(pid)]:
+        try:
+            with open(f"/proc/{p}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/schedstat", "rb") as f:
+                    ns += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            ns = -(1 << 62)  # schedstat unavailable: fall back to ticks
+    tick_s = ticks / CLK_TCK
+    return (ns / 1e9 if ns >= 0 else tick_s), tick_s
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(d))
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _child_setup() -> None:
+    """In the child: die with the benchmark (PR_SET_PDEATHSIG), keep its process group."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+    except Exception:
+        pass
+
+
+class Proc:
+    def __init__(self, name: str, argv: list[str], log: Path, **kw: object) -> None:
+        self.name = name
+        self.log = log
+        self.logf = open(log, "wb")
+        self.p = subprocess.Popen(
+            argv,
+            stdout=kw.pop("stdout", self.logf),
+            stderr=self.logf,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_child_setup,
+            **kw,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.p.pid
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(3)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait(3)
+        self.logf.close()
+
+    def tail(self, n: int = 8) -> str:
+        try:
+            lines = self.log.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return "\n".join("    | " + ln for ln in lines[-n:])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_port(port: int, proc: Proc, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if not proc.alive():
+            raise UploadError(f"{proc.name} exited with code {proc.p.returncode}")
+        try:
+            _, w = await asyncio.open_connection("127.0.0.1", port)
+            w.close()
+            return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise UploadError(
+                f"{proc.name} did not listen on 127.0.0.1:{port} within {timeout:.0f} s"
+            )
+        await asyncio.sleep(0.1)
+
+
+# ----------------------------------------------------------------------------------------
+# legs
+
+
+@dataclass
+class Leg:
+    name: str
+    port: int = 0
+    proc: Proc | None = None
+    skipped: str | None = None
+    note: str = ""
+    runs: list[dict[str, float | int | None]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def haproxy_config(listen: int, sink: int) -> str:
+    return f"""global
+    nbthread 1
+    maxconn 256
+    log stderr format raw local0 emerg
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+
+frontend bench_in
+    bind 127.0.0.1:{listen}
+    default_backend bench_sink
+
+backend bench_sink
+    server sink 127.0.0.1:{sink}
+"""
+
+
+def gateway_argv(args: argparse.Namespace) -> list[str] | None:
+    if args.gateway_cmd:
+        return shlex.split(args.gateway_cmd)
+    local = Path(sys.executable).parent / "buildkit-gateway"
+    if local.exists():
+        return [str(local)]
+    found = shutil.which("buildkit-gateway")
+    return [found] if found else None
+
+
+async def start_haproxy(leg: Leg, args: argparse.Namespace, tmp: Path, sink_port: int) -> None:
+    exe = (
+        args.haproxy
+        or shutil.which("haproxy")
+        or ("/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None)
+    )
+    if exe is None:
+        leg.skipped = "haproxy not installed (bench/run installs it with apt-get)"
+        return
+    leg.port = free_port()
+    cfg = tmp / "haproxy.cfg"
+    cfg.write_text(haproxy_config(leg.port, sink_port))
+    check = subprocess.run([exe, "-c", "-q", "-f", str(cfg)], capture_output=True, text=True)
+    if check.returncode != 0:
+        leg.skipped = f"haproxy config check failed: {check.stderr.strip() or check.stdout.strip()}"
+        return
+    ver = subprocess.run([exe, "-v"], capture_output=True, text=True).stdout.splitlines()
+    leg.note = ver[0] if ver else exe
+    leg.proc = Proc("haproxy", [exe, "-db", "-f", str(cfg)], tmp / "haproxy.log")
+    try:
+        await wait_port(leg.port, leg.proc, 10)
+    except UploadError as e:
+        leg.skipped = f"{e}\n{leg.proc.tail()}"
+
+
+async def start_gateway(leg: Leg, args: argparse.Namespace, tmp: Path, sink_port: int) -> None:
+    argv = gateway_argv(args)
+    if argv is None:
+        leg.skipped = (
+            "buildkit-gateway not found next to this python or on PATH "
+            "(install it: .venv/bin/pip install -e . ; or pass --gateway-cmd "
+            "'.venv/bin/python -m gateway')"
+        )
+        return
+    leg.port = free_port()
+    argv = [
+        *argv,
+        "--listen",
+        f"tcp://127.0.0.1:{leg.port}",
+        "--replica",
+        f"tcp://127.0.0.1:{sink_port}",
+    ]
+    leg.note = " ".join(shlex.quote(a) for a in argv)
+    try:
+        leg.proc = Proc("buildkit-gateway", argv, tmp / "gateway.log")
+    except OSError as e:
+        leg.skipped = f"cannot start {argv[0]}: {e}"
+        return
+    try:
+        await wait_port(leg.port, leg.proc, args.ready_timeout)
+        # ready = a global call answered OK (the gateway has probed the sink)
+        deadline = time.monotonic() + args.ready_timeout
+        last = ""
+        while time.monotonic() < deadline:
+            if not leg.proc.alive():
+                raise UploadError(f"buildkit-gateway exited with code {leg.proc.p.returncode}")
+            try:
+                status = await grpc_unary_ok(leg.port, "/moby.buildkit.v1.Control/ListWorkers", 3)
+                if status == "0":
+                    return
+                last = f"ListWorkers grpc-status {status}"
+            except (UploadError, OSError) as e:
+                last = f"ListWorkers: {e}"
+            await asyncio.sleep(0.25)
+        # not fatal: the warm-up upload decides
+        leg.note += f"  [readiness: {last}; trying the upload anyway]"
+    except UploadError as e:
+        leg.skipped = f"{e}\n{leg.proc.tail()}"
+
+
+async def run_upload(
+    leg: Leg, payload: Payload, sink: Proc, timeout: float
+) -> dict[str, float | int | None]:
+    proxy_pid = leg.proc.pid if leg.proc else None
+    c0 = cpu_seconds(proxy_pid) if proxy_pid else (0.0, 0.0)
+    s0 = cpu_seconds(sink.pid)
+    own0 = time.process_time()
+    res = await upload_once(leg.port, payload, timeout)
+    own1 = time.process_time()
+    s1 = cpu_seconds(sink.pid)
+    c1 = cpu_seconds(proxy_pid) if proxy_pid else (0.0, 0.0)
+    d = asdict(res)
+    d["proxy_cpu"] = (c1[0] - c0[0]) if proxy_pid else None
+    d["proxy_cpu_utime_stime"] = (c1[1] - c0[1]) if proxy_pid else None
+    d["sink_cpu"] = s1[0] - s0[0]
+    d["client_cpu"] = own1 - own0
+    return d
+
+
+def paired_ratio(direct: Leg | None, lg: Leg) -> float | None:
+    """Median over rounds of (direct time / path time) within the same round: both uploads ran
+    seconds apart, so slow drifts of the machine's load cancel out."""
+    if direct is None:
+        return None
+    d = {r["round"]: float(r["seconds"]) for r in direct.runs}
+    xs = [d[r["round"]] / float(r["seconds"]) for r in lg.runs if r["round"] in d]
+    return statistics.median(xs) if xs else None
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def report(legs: list[Leg], payload: Payload, args: argparse.Namespace) -> dict[str, object]:
+    direct = next((lg for lg in legs if lg.name == "direct" and lg.runs), None)
+    d_med = median([float(r["seconds"]) for r in direct.runs]) if direct else None
+    print()
+    print(
+        f"Session upload {args.size_mb} MB: {payload.messages} BytesMessages "
+        f"(sizes {','.join(map(str, args.msg_sizes))} cycled), {payload.wire_bytes} bytes on the "
+        f"stream; median of {args.repeats} interleaved runs per leg"
+    )
+    hdr = (
+        f"{'leg':<9} {'time s':>7} {'(min-max)':>13} {'direct/path':>11} {'proxy CPU s':>11} "
+        f"{'us/frame':>9} {'frames':>7} {'sink frm':>8} {'waits':>6} {'sink CPU':>8} "
+        f"{'client CPU':>10}"
+    )
+    print(hdr)
+    print("-" * len(hdr))
+    summary: dict[str, object] = {}
+    for lg in legs:
+        if lg.skipped or not lg.runs:
+            why = lg.skipped or ("; ".join(lg.errors[-1:]) or "no successful run")
+            print(f"{lg.name:<9} SKIPPED: {why.splitlines()[0]}")
+            for extra in why.splitlines()[1:]:
+                print(f"{'':<9} {extra}")
+            summary[lg.name] = {"skipped": why, "errors": lg.errors}
+            continue
+        secs = [float(r["seconds"]) for r in lg.runs]
+        med = median(secs)
+        ratio = (d_med / med) if d_med else None
+        pcpu = [float(r["proxy_cpu"]) for r in lg.runs if r["proxy_cpu"] is not None]
+        pmed = median(pcpu) if pcpu else None
+        frames = median([float(r["frames"]) for r in lg.runs])
+        sfr = [float(r["sink_frames"]) for r in lg.runs if r["sink_frames"] is not None]
+        per_frame = (pmed / frames * 1e6) if pmed is not None and frames else None
+        waits = median([float(r["window_waits"]) for r in lg.runs])
+        scpu = median([float(r["sink_cpu"]) for r in lg.runs])
+        ccpu = median([float(r["client_cpu"]) for r in lg.runs])
+        print(
+            f"{lg.name:<9} {med:>7.3f} {f'({min(secs):.3f}-{max(secs):.3f})':>13} "
+            f"{fmt(ratio, '.2f'):>11} {fmt(pmed, '.2f'):>11} {fmt(per_frame, '.1f'):>9} "
+            f"{frames:>7.0f} {fmt(median(sfr) if sfr else None, '.0f'):>8} {waits:>6.0f} "
+            f"{scpu:>8.2f} {ccpu:>10.2f}"
+        )
+        if lg.errors:
+            print(f"{'':<9} ({len(lg.errors)} failed run(s): {lg.errors[-1]})")
+        summary[lg.name] = {
+            "median_s": med,
+            "min_s": min(secs),
+            "max_s": max(secs),
+            "ratio_direct_over_path": ratio,
+            "ratio_paired_median": paired_ratio(direct, lg),
+            "proxy_cpu_s": pmed,
+            "proxy_cpu_us_per_frame": per_frame,
+            "frames": frames,
+            "runs": lg.runs,
+            "errors": lg.errors,
+            "note": lg.note,
+        }
+    print()
+    for lg in legs:
+        if lg.note:
+            print(f"{lg.name}: {lg.note}")
+    print(
+        "direct/path = median direct time / median time through that path (1.00 = free, "
+        "higher is better).\nproxy CPU = on-CPU time of the proxy process, all threads "
+        "(/proc/PID/task/*/schedstat), per upload, median; us/frame = proxy CPU / DATA frames the "
+        "client sent on the Session stream.\nframes = DATA frames sent by the client, sink frm = "
+        "received by the sink, waits = times the client stopped for flow-control window."
+    )
+    print()
+    for name in ("haproxy", "gateway"):
+        sm = summary.get(name)
+        if not isinstance(sm, dict):
+            continue
+        if "skipped" in sm:
+            print(f"SUMMARY {name}: skipped ({str(sm['skipped']).splitlines()[0]})")
+            continue
+        print(
+            f"SUMMARY {name}: direct/path {fmt(sm['ratio_direct_over_path'], '.2f')} "
+            f"(per-round median {fmt(sm['ratio_paired_median'], '.2f')}), "
+            f"{sm['median_s']:.3f} s (direct {fmt(d_med, '.3f')} s), proxy CPU "
+            f"{fmt(sm['proxy_cpu_s'], '.3f')} s per upload, "
+            f"{fmt(sm['proxy_cpu_us_per_frame'], '.1f')} us per DATA frame"
+        )
+    return summary
+
+
+async def amain(args: argparse.Namespace) -> int:
+    t_start = time.monotonic()
+    size = int(args.size_mb * (1 << 20))
+    print(f"building {args.size_mb} MB payload ...", flush=True)
+    payload = Payload(size, tuple(args.msg_sizes))
+    tmp = Path(tempfile.mkdtemp(prefix="bench-upload-"))
+    procs: list[Proc] = []
+    legs = [Leg(n) for n in args.legs]
+    try:
+        sink = Proc(
+            "sink",
+            [sys.executable, str(BENCH_DIR / "sink.py"), "--port", "0"],
+            tmp / "sink.log",
+            stdout=subprocess.PIPE,
+        )
+        procs.append(sink)
+        assert sink.p.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(sink.p.stdout.readline), 15)
+        if not line.startswith(b"SINK READY"):
+            print(f"sink failed to start: {line!r}\n{sink.tail()}", file=sys.stderr)
+            return 2
+        sink_port = int(line.split()[2])
+        for lg in legs:
+            if lg.name == "direct":
+                lg.port = sink_port
+                lg.note = f"sink on 127.0.0.1:{sink_port} (bench/sink.py, pid {sink.pid})"
+            elif lg.name == "haproxy":
+                await start_haproxy(lg, args, tmp, sink_port)
+            elif lg.name == "gateway":
+                await start_gateway(lg, args, tmp, sink_port)
+            if lg.proc:
+                procs.append(lg.proc)
+        # warm-up: one small upload per leg (also the gateway's go/no-go)
+        warm = Payload(min(size, 8 << 20), tuple(args.msg_sizes))
+        for lg in legs:
+            if lg.skipped:
+                continue
+            try:
+                await run_upload(lg, warm, sink, min(args.timeout, 30))
+            except (UploadError, OSError) as e:
+                tail = lg.proc.tail() if lg.proc else ""
+                lg.skipped = f"warm-up upload failed: {e}" + (f"\n{tail}" if tail else "")
+        active = [lg for lg in legs if not lg.skipped]
+        for rep in range(args.repeats):
+            order = active[rep % len(active) :] + active[: rep % len(active)] if active else []
+            for lg in order:
+                if time.monotonic() - t_start > args.deadline:
+                    lg.errors.append("global deadline reached")
+                    continue
+                if lg.proc and not lg.proc.alive():
+                    lg.errors.append(f"{lg.proc.name} exited ({lg.proc.p.returncode})")
+                    continue
+                if len(lg.errors) >= 2 and not lg.runs:
+                    continue  # failed twice, never worked: stop spending time on it
+                try:
+                    r = await run_upload(lg, payload, sink, args.timeout)
+                    r["round"] = rep
+                    lg.runs.append(r)
+                    print(
+                        f"  run {rep + 1} {lg.name:<8} {float(r['seconds']):.3f} s"
+                        f"  proxy CPU {fmt(r['proxy_cpu'], '.2f')} s  frames {r['frames']}",
+                        flush=True,
+                    )
+                except (UploadError, OSError) as e:
+                    lg.errors.append(str(e))
+                    print(f"  run {rep + 1} {lg.name:<8} FAILED: {e}", flush=True)
+        print(
+            f"\npython {platform.python_version()}, {os.cpu_count()} CPUs, "
+            f"total {time.monotonic() - t_start:.0f} s"
+        )
+        summary = report(legs, payload, args)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(
+                json.dumps(
+                    {"size_mb": args.size_mb, "messages": payload.messages, "legs": summary},
+                    indent=2,
+                )
+            )
+        ok = any(lg.runs for lg in legs)
+        return 0 if ok else 1
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        if args.keep_logs:
+            print(f"logs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description="BuildKit Session-tunnel upload: direct vs HAProxy tcp vs buildkit-gateway."
+    )
+    ap.add_argument("--size-mb", type=float, default=200, help="upload size (default 200)")
+    ap.add_argument("--repeats", type=int, default=9, help="timed runs per leg, interleaved (9)")
+    ap.add_argument(
+        "--legs",
+        default="direct,haproxy,gateway",
+        help="comma list of direct,haproxy,gateway (default all)",
+    )
+    ap.add_argument(
+        "--gateway-cmd",
+        default=None,
+        help="gateway command (shell words); --listen/--replica are appended. Default: "
+        "buildkit-gateway next to this python, else on PATH",
+    )
+    ap.add_argument("--haproxy", default=None, help="haproxy binary (default: from PATH)")
+    ap.add_argument(
+        "--msg-sizes",
+        default=",".join(map(str, DEFAULT_MSG_SIZES)),
+        help="BytesMessage data sizes cycled (default 24000,4000,2500: ~10 KB mean)",
+    )
+    ap.add_argument("--timeout", type=float, default=30, help="limit per upload, s (30)")
+    ap.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=15,
+        help="time for the gateway to listen and answer ListWorkers, s (15)",
+    )
+    ap.add_argument(
+        "--deadline",
+        type=float,
+        default=140,
+        help="no new run starts after this many seconds (140)",
+    )
+    ap.add_argument("--json", default=None, help="also write results as JSON to this file")
+    ap.add_argument("--keep-logs", action="store_true", help="keep the temp dir with logs/config")
+    args = ap.parse_args(argv)
+    args.legs = [x.strip() for x in args.legs.split(",") if x.strip()]
+    bad = set(args.legs) - {"direct", "haproxy", "gateway"}
+    if bad:
+        ap.error(f"unknown legs: {', '.join(sorted(bad))}")
+    args.msg_sizes = [int(x) for x in args.msg_sizes.split(",")]
+    if any(s <= 0 or s > 16 << 20 for s in args.msg_sizes):
+        ap.error("--msg-sizes must be between 1 and 16 MiB")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(interruptible(args))
+    return uvloop.run(interruptible(args))
+
+
+async def interruptible(args: argparse.Namespace) -> int:
+    """amain, cancelled on SIGTERM/SIGHUP (SIGINT: the runner cancels it), children stopped."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    got: list[int] = []
+
+    def stop(signum: int) -> None:
+        got.append(signum)
+        task.cancel()
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        return await amain(args)
+    except asyncio.CancelledError:
+        if not got:
+            raise
+        print(f"\ninterrupted by signal {got[0]}: stopped", file=sys.stderr, flush=True)
+        return 128 + got[0]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""gateway/h2/headers.py: stateless encoding, decoding with a persistent table."""
+
+from __future__ import annotations
+
+import hpack
+import pytest
+from hpack.table import HeaderTable
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.h2 import headers as hd
+from gateway.h2.frames import COMPRESSION_ERROR, ProtocolError
+
+FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+STATIC = list(HeaderTable.STATIC_TABLE)
+static_pairs = st.sampled_from(STATIC)
+static_names = st.sampled_from(sorted({n for n, _ in STATIC}))
+names = st.one_of(
+    static_names,
+    st.binary(min_size=1, max_size=40),
+    st.sampled_from([b"grpc-status", b"grpc-message", b"x-docker-expose-session-sharedkey",
+                     b"buildkit-controlapi-buildid", b"content-type"]),
+)
+values = st.one_of(st.binary(max_size=200), st.sampled_from([v for _, v in STATIC]))
+fields = st.one_of(static_pairs, st.tuples(names, values), st.tuples(static_names, values))
+header_lists = st.lists(fields, max_size=25)
+
+
+def reference_decode(block: bytes, decoder: hpack.Decoder | None = None) -> list:
+    decoder = decoder or hpack.Decoder(max_header_list_size=1 << 24)
+    return [(bytes(n), bytes(v)) for n, v in decoder.decode(block, raw=True)]
+
+
+@FAST
+@given(headers=header_lists)
+def test_encode_decodes_with_independent_decoder(headers: list[tuple[bytes, bytes]]) -> None:
+    block = hd.encode(headers)
+    assert reference_decode(block) == headers
+    assert hd.HeaderDecoder(max_header_list_size=1 << 24).decode(block) == headers
+
+
+def test_repeated_names_keep_order_and_count() -> None:
+    headers = [(b"a", b"1"), (b":path", b"/x"), (b"a", b"2"), (b"a", b"1"), (b"set-cookie", b"")]
+    assert reference_decode(hd.encode(headers)) == headers
+    assert hd.get(headers, b"a") == b"1"
+    assert hd.get(headers, b"missing") is None
+    assert hd.get_all(headers, b"a") == [b"1", b"2", b"1"]
+
+
+@pytest.mark.parametrize("size", [127, 128, 16383, 16384, 40_000, 70_000])
+def test_big_binary_values(size: int) -> None:
+    value = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+    headers = [(b"grpc-status", b"2"), (b"grpc-message", value), (b"x-bin", value[::-1])]
+    block = hd.encode(headers)
+    assert reference_decode(block) == headers
+    assert hd.HeaderDecoder(max_header_list_size=1 << 20).decode(block) == headers
+
+
+def test_static_pairs_are_single_byte_indexes() -> None:
+    assert hd.encode([(b":method", b"POST")]) == b"\x83"
+    assert hd.encode([(b":status", b"200")]) == b"\x88"
+    # Name in the static table, value not: literal without indexing, indexed name (4-bit).
+    assert hd.encode([(b":path", b"/a")]) == b"\x04\x02/a"
+    # Unknown name: literal without indexing, new name.
+    assert hd.encode([(b"te", b"trailers")]) == b"\x00\x02te\x08trailers"
+
+
+def test_encoding_never_touches_the_dynamic_table() -> None:
+    decoder = hpack.Decoder()
+    for _ in range(3):
+        decoder.decode(hd.encode([(b"x-a", b"b" * 100), (b":path", b"/p")]), raw=True)
+    assert len(decoder.header_table.dynamic_entries) == 0
+
+
+@FAST
+@given(headers=header_lists)
+def test_encoding_is_stateless(headers: list[tuple[bytes, bytes]]) -> None:
+    first = hd.encode(headers)
+    hd.encode([(b"x-other", b"v"), (b":status", b"404")])
+    assert hd.encode(headers) == first
+    assert hd.encode(iter(headers)) == first
+
+
+@settings(max_examples=60, deadline=None)
+@given(lists=st.lists(header_lists, min_size=2, max_size=6), data=st.data())
+def test_blocks_decode_in_any_order_with_fresh_or_used_decoder(
+    lists: list[list[tuple[bytes, bytes]]], data: st.DataObject
+) -> None:
+    blocks = [hd.encode(h) for h in lists]
+    order = data.draw(st.permutations(range(len(blocks))), label="order")
+    # A used decoder: its table holds entries a peer's indexing encoder put there.
+    used = hd.HeaderDecoder(max_header_list_size=1 << 24)
+    peer = hpack.Encoder()
+    used.decode(peer.encode([(b"x-a", b"1"), (b"grpc-message", b"m" * 50), (b":path", b"/q")]))
+    for i in order:
+        assert used.decode(blocks[i]) == lists[i]
+        assert hd.HeaderDecoder(max_header_list_size=1 << 24).decode(blocks[i]) == lists[i]
+
+
+@settings(max_examples=80, deadline=None)
+@given(lists=st.lists(header_lists, min_size=1, max_size=8))
+def test_peer_dynamic_table_across_blocks(lists: list[list[tuple[bytes, bytes]]]) -> None:
+    # The peer indexes into its 4096-byte table before it applies our SETTINGS size 0.
+    peer = hpack.Encoder()
+    decoder = hd.HeaderDecoder(max_header_list_size=1 << 24)
+    for headers in lists + lists:  # the second round hits table entries from the first
+        block = peer.encode(headers, huffman=True)
+        assert decoder.decode(block) == headers
+
+
+def test_peer_indexed_fields_shrink_blocks_and_still_decode() -> None:
+    peer = hpack.Encoder()
+    decoder = hd.HeaderDecoder(max_header_list_size=1 << 20)
+    h = [(b":path", b"/moby.buildkit.v1.Control/Solve"), (b"x-docker-expose-session-uuid", b"u1")]
+    first = peer.encode(h)
+    second = peer.encode(h)
+    assert len(second) < len(first)  # the second block uses the dynamic table
+    assert decoder.decode(first) == h
+    assert decoder.decode(second) == h
+    # A decoder that missed the first block cannot decode the second.
+    with pytest.raises(ProtocolError) as err:
+        hd.HeaderDecoder(max_header_list_size=1 << 20).decode(second)
+    assert err.value.code == COMPRESSION_ERROR
+
+
+@settings(max_examples=300, deadline=None)
+@given(garbage=st.binary(min_size=1, max_size=60))
+def test_garbage_is_a_compression_error_or_decodes(garbage: bytes) -> None:
+    decoder = hd.HeaderDecoder(max_header_list_size=4096)
+    try:
+        result = decoder.decode(garbage)
+    except ProtocolError as exc:
+        assert exc.code == COMPRESSION_ERROR
+    else:
+        assert all(isinstance(n, bytes) and isinstance(v, bytes) for n, v in result)
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        b"\x80",  # index 0
+        b"\xff\xff\xff\xff\xff\xff\xff\xff\x7f",  # index far beyond the tables
+        b"\xbe",  # dynamic index 62 with an empty table
+        b"\x00\x05ab",  # truncated name
+        b"\x04\x85abc",  # truncated huffman value
+        b"\x3f\xe1\xff\x03",  # table size update above the 4096 allowed
+        b"\x04\x81\xff",  # huffman EOS / invalid padding
+    ],
+)
+def test_malformed_blocks_raise_compression_error(block: bytes) -> None:
+    with pytest.raises(ProtocolError) as err:
+        hd.HeaderDecoder(max_header_list_size=1 << 20).decode(block)
+    assert err.value.code == COMPRESSION_ERROR
+
+
+def test_oversized_header_list_is_compression_error() -> None:
+    block = hd.encode([(b"grpc-message", b"m" * 5000)])
+    assert hd.HeaderDecoder(max_header_list_size=6000).decode(block)
+    with pytest.raises(ProtocolError) as err:
+        hd.HeaderDecoder(max_header_list_size=4000).decode(block)
+    assert err.value.code == COMPRESSION_ERROR
+    many = hd.encode([(b"x-k", b"v")] * 200)  # 200 x (3 + 1 + 32) bytes
+    with pytest.raises(ProtocolError) as err:
+        hd.HeaderDecoder(max_header_list_size=7000).decode(many)
+    assert err.value.code == COMPRESSION_ERROR
+
+
+def test_decoder_accepts_multi_megabyte_lists_when_allowed() -> None:
+    value = b"trace\n" * 200_000  # 1.2 MB
+    block = hd.encode([(b"grpc-message", value)])
+    assert hd.HeaderDecoder(max_header_list_size=16 << 20).decode(block) == [
+        (b"grpc-message", value)
+    ]

@@ -8,6 +8,7 @@ import random
 from tests.conftest import gateway_port, running_gateway, running_replicas
 from tests.fakes import buildflow
 from tests.fakes.ids import node_id
+from tests.fakes.h2_transport import H2Transport
 from tests.fakes.replica import FakeReplica
 from tests.fakes.transport import RpcError
 from tests.integration.clients import connect
@@ -140,3 +141,16 @@ async def test_routing_stays_correct_when_the_replica_window_stays_at_64_kib() -
     for out in outs:
         assert out.ok, out.error
         assert out.exporter_response["uploaded"] == "3000000"
+
+
+async def test_unix_socket_listener_serves_builds(tmp_path) -> None:
+    path = tmp_path / "gw.sock"
+    async with running_replicas(1) as replicas, running_gateway(
+            [r.address for r in replicas], "--listen", f"unix://{path}") as gw:
+        assert str(gw.listening[-1]) == f"unix://{path}"
+        t = await H2Transport.connect("localhost", 0, unix_path=str(path))
+        try:
+            out = await buildflow.buildx_session(t, context_dir="/src/app", node_id=node_id())
+        finally:
+            await t.close()
+    assert out.ok, out.error

@@ -57,7 +57,7 @@ async def main() -> None:
     args = ap.parse_args()
     settings = config.load(["--replica", "tcp://127.0.0.1:9"], {})
     registry = Registry([Replica("r", "tcp://127.0.0.1:9", ready=True, reason="")])
-    hub = Hub(relay=settings.relay, routing=settings.routing, pool=settings.pool,
+    hub = Hub(relay=settings.relay, routing=settings.routing, pools=settings.pools,
               registry=registry, ledger=Ledger(),
               control=config.Endpoint("unix", path="/nonexistent"),
               spawn=lambda coro, name: coro.close())

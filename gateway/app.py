@@ -43,7 +43,8 @@ async def _guard(coro: Coroutine[Any, Any, None], name: str) -> None:
 
 
 def static_replicas(settings: Settings) -> list[Replica]:
-    return [Replica(id=ep.name, address=str(ep)) for ep in settings.pool.replicas]
+    return [Replica(id=ep.name, address=str(ep), pool=pool.name)
+            for pool in settings.pools for ep in pool.replicas]
 
 
 class Gateway:
@@ -64,7 +65,7 @@ class Gateway:
         settings = self.settings
         workdir = tempfile.mkdtemp(prefix="buildkit-gateway-")
         control_socket = os.path.join(workdir, "control.sock")
-        control = ControlServer(self.registry, self.cache, self.channels)
+        control = ControlServer(self.registry, self.cache, self.channels, self.ledger)
         await control.start(control_socket)
         servers: list[asyncio.Server] = []
         try:
@@ -77,21 +78,22 @@ class Gateway:
                     tasks.append(task)
                     task.add_done_callback(tasks.remove)
 
-                hub = Hub(relay=settings.relay, routing=settings.routing, pool=settings.pool,
+                hub = Hub(relay=settings.relay, routing=settings.routing, pools=settings.pools,
                           registry=self.registry, ledger=self.ledger,
                           control=Endpoint("unix", path=control_socket), spawn=spawn)
                 self.hub = hub
                 prober = Prober(self.registry, self.cache, self.channels, settings.probe)
                 await prober.probe_all()
                 spawn(prober.run(), "probe replicas")
-                if not settings.pool.replicas:
-                    log.warning("no replicas configured; builds will fail until some are added")
-                for ep in settings.listen.endpoints:
+                if not self.registry.snapshot.replicas:
+                    log.warning("no replicas configured; builds will wait until some are added")
+                for ep in (*settings.listen.endpoints,
+                           *(ep for pool in settings.pools for ep in pool.listen)):
                     servers.append(await self._listen(hub, ep))
                 log.info("gateway listening", extra={
                     "listen": ",".join(map(str, self.listening)),
                     "replicas": ",".join(r.id for r in self.registry.snapshot.replicas),
-                    "loadbalance": settings.pool.loadbalance})
+                    "pools": ",".join(p.name for p in settings.pools)})
                 self.started.set()
                 await self.stop.wait()
                 await self._shutdown(hub, servers, control)
@@ -119,18 +121,21 @@ class Gateway:
 
     async def _shutdown(self, hub: Hub, servers: list[asyncio.Server],
                         control: ControlServer) -> None:
-        log.info("gateway stopping", extra={"clients": len(hub.clients)})
+        log.info("gateway stopping", extra={"clients": len(hub.clients),
+                                            "queued": hub.queued()})
         # 1. Stop accepting connections.
         for server in servers:
             server.close()
-        # 2. Tell clients to open no new streams; open calls may finish within the grace.
+        # 2. No new builds: queued ones get UNAVAILABLE, running ones may finish, and each
+        #    connection gets GOAWAY once its builds are done.
         for conn in list(hub.clients):
             conn.drain()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(hub.no_clients.wait(), SHUTDOWN_GRACE)
-        # 3. Cut what is left, then the replica connections and the control server.
+        # 3. Past the grace: cut what is left, then the replica connections and the control
+        #    server (which answers nothing once no client is left).
         for conn in list(hub.clients):
-            conn.close()
+            conn.abort()
         for upstream in hub.upstreams.values():
             upstream.close()
         await control.stop()

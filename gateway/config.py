@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 ENV_PREFIX = "BUILDKIT_GATEWAY_"
+MIN_STREAM_WINDOW = (16 << 20) + 5  # BuildKit's largest message plus its gRPC prefix
 
 
 class ConfigError(ValueError):
@@ -95,12 +96,24 @@ class ListenSettings:
 
 @dataclass(frozen=True, slots=True)
 class PoolSettings:
+    name: str
+    """Pool name ("default" for the one configured by the top-level options)."""
     replicas: tuple[Endpoint, ...]
-    """Static buildkitd replicas of the default pool."""
+    """Static buildkitd replicas of the pool."""
     loadbalance: str
     """"sticky" (consistent hashing on the build's context) or "random" (two choices)."""
     load_factor: float
     """Bounded loads: skip a replica above load_factor x the average active builds."""
+    max_builds: int
+    """Concurrent non-internal builds per replica; 0 means no limit (nothing queues)."""
+    max_queue: int
+    """Builds that may wait for a slot in this pool; one more is refused."""
+    queue_timeout: float
+    """Seconds a build may wait for a slot before it is refused."""
+    authorities: tuple[str, ...] = ()
+    """:authority host names that select this pool (e.g. arm64.builders.example)."""
+    listen: tuple[Endpoint, ...] = ()
+    """Extra client endpoints whose connections all go to this pool."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,11 +155,17 @@ class LogSettings:
 @dataclass(frozen=True, slots=True)
 class Settings:
     listen: ListenSettings
-    pool: PoolSettings
+    pools: tuple[PoolSettings, ...]
+    """The default pool first, then those of the YAML `pools` list."""
     routing: RoutingSettings
     relay: RelaySettings
     probe: ProbeSettings
     log: LogSettings
+
+    @property
+    def pool(self) -> PoolSettings:
+        """The default pool."""
+        return self.pools[0]
 
 
 # ---- option table --------------------------------------------------------------------------
@@ -190,6 +209,23 @@ def _positive_int(value: Any) -> int:
     return number
 
 
+def _stream_window(value: Any) -> int:
+    number = _positive_int(value)
+    if number < MIN_STREAM_WINDOW:
+        raise ValueError(f"expected at least {MIN_STREAM_WINDOW} (a 16 MiB request message "
+                         f"and its 5-byte gRPC prefix), got {value!r}")
+    return number
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"expected a whole number, got {value!r}")
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"expected a whole number of at least 0, got {value!r}")
+    return number
+
+
 def _load_factor(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError(f"expected a number of at least 1, got {value!r}")
@@ -208,12 +244,19 @@ OPTIONS: tuple[Option, ...] = (
            "random", "sticky", _choice("sticky", "random")),
     Option("--load-factor", "bounded loads: a replica above this x the average active builds "
            "is skipped for the next on the ring (at least 1)", 1.25, _load_factor),
+    Option("--max-builds", "concurrent builds per replica (internal probe builds excluded); "
+           "0 means no limit", 0, _count),
+    Option("--max-queue", "builds that may wait for a free replica; one more is refused "
+           "with RESOURCE_EXHAUSTED", 1000, _count),
+    Option("--queue-timeout", "how long a build may wait for a free replica before it is "
+           "refused with RESOURCE_EXHAUSTED", "30m", parse_duration, metavar="DUR"),
     Option("--session-wait", "how long a Solve waits for its Session to learn its sticky key",
            "1s", parse_duration, metavar="DUR"),
     Option("--hold-timeout", "how long a call may wait for its build's Solve before it is "
-           "routed by fallback", "5s", parse_duration, metavar="DUR"),
-    Option("--stream-window", "flow-control window granted per client stream, bytes",
-           16 << 20, _positive_int),
+           "routed by fallback", "1s", parse_duration, metavar="DUR"),
+    Option("--stream-window", "flow-control window granted per client stream, bytes; at least "
+           "16 MiB + 5 so that a held request message of BuildKit's maximum size fits",
+           17 << 20, _stream_window),
     Option("--connection-window", "flow-control window per connection, bytes (caps buffering)",
            256 << 20, _positive_int),
     Option("--max-header-list", "largest header list accepted, bytes", 16 << 20, _positive_int),
@@ -272,7 +315,7 @@ def _read_yaml(path: str) -> Mapping[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of option: value")
-    known = {o.key for o in OPTIONS}
+    known = {o.key for o in OPTIONS} | {"pools"}
     unknown = sorted(set(map(str, data)) - known)
     if unknown:
         raise ConfigError(f"config file {path}: unknown option(s) {', '.join(unknown)}")
@@ -305,17 +348,86 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
                 values[opt.key] = opt.convert(raw)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"invalid {opt.flag} from {source}: {exc}") from exc
-    return _assemble(values)
+    default = _default_pool(values)
+    extra = _extra_pools(file_values.get("pools"), default, config_path or "")
+    return _assemble(values, (default, *extra))
 
 
-def _assemble(v: Mapping[str, Any]) -> Settings:
+_POOL_KEYS = {"name", "replica", "loadbalance", "load-factor", "max-builds", "max-queue",
+              "queue-timeout", "authority", "listen"}
+
+
+def _default_pool(v: Mapping[str, Any]) -> PoolSettings:
+    return PoolSettings("default", v["replica"], v["loadbalance"], v["load-factor"],
+                        v["max-builds"], v["max-queue"], v["queue-timeout"])
+
+
+def _extra_pools(raw: Any, default: PoolSettings, path: str) -> list[PoolSettings]:
+    """Pools from the YAML `pools` list; unset keys take the default pool's values."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ConfigError(f"config file {path}: pools must be a list of mappings")
+    return [_pool(item, f"config file {path}: pools[{i}]", default) for i, item in enumerate(raw)]
+
+
+def _pool(item: Any, where: str, default: PoolSettings) -> PoolSettings:
+    if not isinstance(item, dict):
+        raise ConfigError(f"{where} must be a mapping")
+    unknown = sorted(set(map(str, item)) - _POOL_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    name = item.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", name):
+        raise ConfigError(f"{where}: name must be a lower-case word, got {name!r}")
+
+    def convert(key: str, fn: Callable[[Any], Any], value: Any) -> Any:
+        try:
+            return fn(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"invalid {key} in {where} ({name}): {exc}") from exc
+
+    def one(key: str, fallback: Any, fn: Callable[[Any], Any]) -> Any:
+        return convert(key, fn, item[key]) if key in item else fallback
+
+    def many(key: str, fn: Callable[[Any], Any]) -> tuple[Any, ...]:
+        value = item.get(key, [])
+        return tuple(convert(key, fn, v) for v in (value if isinstance(value, list) else [value]))
+
+    return PoolSettings(
+        name=name,
+        replicas=many("replica", parse_endpoint),
+        loadbalance=one("loadbalance", default.loadbalance, _choice("sticky", "random")),
+        load_factor=one("load-factor", default.load_factor, _load_factor),
+        max_builds=one("max-builds", default.max_builds, _count),
+        max_queue=one("max-queue", default.max_queue, _count),
+        queue_timeout=one("queue-timeout", default.queue_timeout, parse_duration),
+        authorities=many("authority", _host),
+        listen=many("listen", parse_endpoint),
+    )
+
+
+def _host(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9.-]+", value):
+        raise ValueError(f"expected a host name, got {value!r}")
+    return value.lower()
+
+
+def _assemble(v: Mapping[str, Any], pools: tuple[PoolSettings, ...]) -> Settings:
     if not v["listen"]:
         raise ConfigError("at least one --listen endpoint is required")
-    for ep in v["replica"]:
-        if ep.scheme != "tcp" and ep.scheme != "unix":
-            raise ConfigError(f"unsupported replica address {ep}")
-    if len({ep.name for ep in v["replica"]}) != len(v["replica"]):
-        raise ConfigError("--replica lists the same replica twice")
+    names = [p.name for p in pools]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"pool names must be unique (and not 'default'): {', '.join(names)}")
+    replicas = [ep.name for p in pools for ep in p.replicas]
+    if len(set(replicas)) != len(replicas):
+        raise ConfigError("a replica is listed twice (in --replica or across pools)")
+    authorities = [a for p in pools for a in p.authorities]
+    if len(set(authorities)) != len(authorities):
+        raise ConfigError("an authority selects more than one pool")
+    listeners = [str(ep) for ep in v["listen"]] + [str(ep) for p in pools for ep in p.listen]
+    if len(set(listeners)) != len(listeners):
+        raise ConfigError("an endpoint is listened on twice (--listen or a pool's listen)")
     if v["probe-timeout"] <= 0 or v["probe-interval"] <= 0:
         raise ConfigError("--probe-interval and --probe-timeout must be positive")
     if v["connection-window"] < v["stream-window"]:
@@ -324,7 +436,7 @@ def _assemble(v: Mapping[str, Any]) -> Settings:
         raise ConfigError("flow-control windows are at most 2147483647 bytes (RFC 9113)")
     return Settings(
         listen=ListenSettings(v["listen"]),
-        pool=PoolSettings(v["replica"], v["loadbalance"], v["load-factor"]),
+        pools=pools,
         routing=RoutingSettings(v["session-wait"], v["hold-timeout"]),
         relay=RelaySettings(v["stream-window"], v["connection-window"], v["max-header-list"],
                             v["max-client-streams"]),

@@ -55,6 +55,24 @@ class ReplicaLost(GatewayError):
     code = UNAVAILABLE
 
 
+class QueueFull(GatewayError):
+    """The pool's admission queue is at --max-queue."""
+
+    code = RESOURCE_EXHAUSTED
+
+
+class QueueTimeout(GatewayError):
+    """A build waited --queue-timeout for a free replica."""
+
+    code = RESOURCE_EXHAUSTED
+
+
+class NotFound(GatewayError):
+    """A history call names a build no replica knows."""
+
+    code = NOT_FOUND
+
+
 class BadRequest(GatewayError):
     """A request the gateway must read could not be decoded."""
 

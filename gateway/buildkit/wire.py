@@ -37,7 +37,9 @@ class CallClass(enum.Enum):
     SESSION = "session"  # follows the build that names its session
     LLB = "llb"  # follows the build named by its buildid header
     CONTROL = "control"  # answered by the gateway's control server (caches, fan-out)
-    OTHER = "other"  # history, content, traces, unknown: bound replica or the key's replica
+    HISTORY = "history"  # ListenBuildHistory/UpdateBuildHistory: the Ref's owner, or fan-out
+    CONTENT = "content"  # containerd content reads: the replica of the last history call
+    OTHER = "other"  # traces, unknown methods: bound replica or the key's replica
 
 
 _BY_PATH = {
@@ -48,6 +50,8 @@ _BY_PATH = {
     _CONTROL + "Info": CallClass.CONTROL,
     _CONTROL + "DiskUsage": CallClass.CONTROL,
     _CONTROL + "Prune": CallClass.CONTROL,
+    _CONTROL + "ListenBuildHistory": CallClass.HISTORY,
+    _CONTROL + "UpdateBuildHistory": CallClass.HISTORY,
     "/grpc.health.v1.Health/Check": CallClass.CONTROL,
     "/grpc.health.v1.Health/Watch": CallClass.CONTROL,
 }
@@ -59,7 +63,14 @@ def classify(path: str) -> CallClass:
         return cls
     if path.startswith(_LLB):
         return CallClass.LLB
+    if path.startswith("/containerd.services.content.v1.Content/"):
+        return CallClass.CONTENT
     return CallClass.OTHER
+
+
+def history_ref(path: str, message: bytes) -> str:
+    """The Ref of a history call: field 2 of BuildHistoryRequest, field 1 otherwise."""
+    return decode_ref(message, field=2 if path.endswith("/ListenBuildHistory") else 1)
 
 
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
@@ -179,3 +190,45 @@ def first_message(buf: bytes | bytearray) -> bytes | None:
 
 def frame_message(payload: bytes) -> bytes:
     return GRPC_PREFIX.pack(0, len(payload)) + payload
+
+
+# ---- encoding the gateway's own messages ---------------------------------------------------
+
+
+def _enc_varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _enc_bytes(number: int, value: bytes) -> bytes:
+    return _enc_varint(number << 3 | 2) + _enc_varint(len(value)) + value
+
+
+def _enc_timestamp(number: int, unix_ns: int) -> bytes:
+    seconds, nanos = divmod(unix_ns, 1_000_000_000)
+    body = _enc_varint(1 << 3) + _enc_varint(seconds)
+    if nanos:
+        body += _enc_varint(2 << 3) + _enc_varint(nanos)
+    return _enc_bytes(number, body)
+
+
+def status_vertex(*, digest: str, name: str, started_ns: int,
+                  completed_ns: int | None = None) -> bytes:
+    """A StatusResponse carrying one Vertex (digest 1, name 3, started 5, completed 6)."""
+    vertex = _enc_bytes(1, digest.encode()) + _enc_bytes(3, name.encode())
+    vertex += _enc_timestamp(5, started_ns)
+    if completed_ns is not None:
+        vertex += _enc_timestamp(6, completed_ns)
+    return _enc_bytes(1, vertex)
+
+
+def history_request(*, ref: str, early_exit: bool) -> bytes:
+    """A BuildHistoryRequest{Ref (field 2), EarlyExit (field 3)}."""
+    body = _enc_bytes(2, ref.encode()) if ref else b""
+    if early_exit:
+        body += _enc_varint(3 << 3) + b"\x01"
+    return body

@@ -37,14 +37,16 @@ class Ledger:
         self._owners: OrderedDict[str, str] = OrderedDict()
         self._keep_owners = keep_owners
 
-    def start(self, ref: str, replica: str, *, internal: bool, now: float) -> None:
+    def start(self, ref: str, replica: str, *, internal: bool, now: float) -> bool:
+        """Records a build; False (and nothing recorded) if the Ref already runs there."""
         key = (ref, replica)
         if key in self._active:
-            return
+            return False
         self._active[key] = BuildRecord(ref, replica, internal, now)
         self._running.setdefault(ref, set()).add(replica)
         if not internal:
             self._loads[replica] = self._loads.get(replica, 0) + 1
+        return True
 
     def finish(self, ref: str, replica: str, *, result: str, now: float) -> BuildRecord | None:
         record = self._active.pop((ref, replica), None)
@@ -59,13 +61,17 @@ class Ledger:
             self._loads[replica] -= 1
             if not self._loads[replica]:
                 del self._loads[replica]
-            self._owners[ref] = replica
-            self._owners.move_to_end(ref)
-            while len(self._owners) > self._keep_owners:
-                self._owners.popitem(last=False)
+            self.learn_owner(ref, replica)
         done = replace(record, finished=now, result=result)
         self._finished.append(done)
         return done
+
+    def learn_owner(self, ref: str, replica: str) -> None:
+        """Records where a finished build ran, learned from the replicas' own history."""
+        self._owners[ref] = replica
+        self._owners.move_to_end(ref)
+        while len(self._owners) > self._keep_owners:
+            self._owners.popitem(last=False)
 
     def loads(self) -> dict[str, int]:
         """Active non-internal builds per replica (replicas with none are absent)."""

@@ -9,20 +9,35 @@ it like to any replica, so a pool at zero ready replicas or a build still waitin
 - DiskUsage: fanned out to every ready replica, responses concatenated (the union of records).
 - Prune: fanned out, the record streams merged as they arrive.
 - grpc.health.v1 Check/Watch: SERVING while some replica is ready, else NOT_SERVING.
-A replica that fails during a fan-out is logged and left out of the answer.
+- ListenBuildHistory the relay could not send to one owner: fanned out, the event streams
+  merged, with one `buildkit-current-timestamp` response header of the gateway's own.
+- Status and UpdateBuildHistory of a Ref whose owner the gateway does not know: the owner is
+  found by fanning out `ListenBuildHistory{Ref, EarlyExit}` (non-owners answer with an empty
+  stream at once; Status is never fanned out, since non-owners take 6 s to say NotFound), the
+  ledger learns it, and the call is passed to it; no owner -> NOT_FOUND "no such job <ref>".
+Every call names its pool in the `x-buildkit-gateway-pool` header the relay adds; only that
+pool's replicas answer. A replica that fails during a fan-out is logged and left out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from datetime import UTC, datetime
 
 import grpc
 
+from gateway.buildkit import wire
+from gateway.builds.ledger import Ledger
 from gateway.control.channels import Channels
 from gateway.control.probe import ReplicaCache
-from gateway.replicas.registry import Registry
+from gateway.replicas.registry import Registry, Replica
+
+POOL_HEADER = "x-buildkit-gateway-pool"
+CONTROL = "/moby.buildkit.v1.Control/"
+OWNER_LOOKUP_TIMEOUT = 10.0
 
 log = logging.getLogger("gateway.control")
 
@@ -32,10 +47,12 @@ NOT_SERVING = b"\x08\x02"
 
 
 class ControlServer:
-    def __init__(self, registry: Registry, cache: ReplicaCache, channels: Channels) -> None:
+    def __init__(self, registry: Registry, cache: ReplicaCache, channels: Channels,
+                 ledger: Ledger) -> None:
         self.registry = registry
         self.cache = cache
         self.channels = channels
+        self.ledger = ledger
         self.server: grpc.aio.Server | None = None
 
     async def start(self, socket_path: str) -> None:
@@ -49,6 +66,9 @@ class ControlServer:
             "Info": grpc.unary_unary_rpc_method_handler(self.info),
             "DiskUsage": grpc.unary_unary_rpc_method_handler(self.disk_usage),
             "Prune": grpc.unary_stream_rpc_method_handler(self.prune),
+            "ListenBuildHistory": grpc.unary_stream_rpc_method_handler(self.listen_history),
+            "UpdateBuildHistory": grpc.unary_unary_rpc_method_handler(self.update_history),
+            "Status": grpc.unary_stream_rpc_method_handler(self.status),
         }
         health = {
             "Check": grpc.unary_unary_rpc_method_handler(self.health_check),
@@ -68,44 +88,54 @@ class ControlServer:
 
     # ---- cached answers --------------------------------------------------------------------
 
-    def _cached(self) -> list[tuple[str, bool]]:
-        """Replica ids with cached answers, ready ones first."""
-        snap = self.registry.snapshot
-        ids = [r.id for r in snap.replicas if r.id in self.cache.answers]
-        return sorted(((i, snap.by_id[i].placeable) for i in ids), key=lambda p: not p[1])
+    @staticmethod
+    def _pool(context: grpc.aio.ServicerContext) -> str:
+        for key, value in context.invocation_metadata() or ():
+            if key == POOL_HEADER:
+                return str(value)
+        return "default"
+
+    def _replicas(self, context: grpc.aio.ServicerContext) -> list[Replica]:
+        pool = self._pool(context)
+        return [r for r in self.registry.snapshot.replicas if r.pool == pool]
+
+    def _cached(self, context: grpc.aio.ServicerContext) -> list[str]:
+        """Replica ids of the pool with cached answers, ready ones first."""
+        replicas = [r for r in self._replicas(context) if r.id in self.cache.answers]
+        return [r.id for r in sorted(replicas, key=lambda r: not r.placeable)]
 
     async def list_workers(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        cached = self._cached()
+        cached = self._cached(context)
         if not cached:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 "no BuildKit replica has answered the gateway yet")
-        return b"".join(self.cache.answers[i].list_workers for i, _ready in cached)
+        return b"".join(self.cache.answers[i].list_workers for i in cached)
 
     async def info(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        cached = self._cached()
+        cached = self._cached(context)
         if not cached:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 "no BuildKit replica has answered the gateway yet")
-        return self.cache.answers[cached[0][0]].info
+        return self.cache.answers[cached[0]].info
 
-    def _health(self) -> bytes:
-        return SERVING if any(r.placeable for r in self.registry.snapshot.replicas) else NOT_SERVING
+    def _health(self, context: grpc.aio.ServicerContext) -> bytes:
+        return SERVING if any(r.placeable for r in self._replicas(context)) else NOT_SERVING
 
     async def health_check(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        return self._health()
+        return self._health(context)
 
     async def health_watch(self, request: bytes,
                            context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        yield self._health()
+        yield self._health(context)
         await asyncio.Event().wait()  # held open until the client cancels
 
     # ---- fan-out ---------------------------------------------------------------------------
 
-    def _ready_addresses(self) -> list[tuple[str, str]]:
-        return [(r.id, r.address) for r in self.registry.snapshot.replicas if r.placeable]
+    def _ready_addresses(self, context: grpc.aio.ServicerContext) -> list[tuple[str, str]]:
+        return [(r.id, r.address) for r in self._replicas(context) if r.placeable]
 
     async def disk_usage(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        targets = self._ready_addresses()
+        targets = self._ready_addresses(context)
         if not targets:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no ready BuildKit replica")
         results = await asyncio.gather(
@@ -123,23 +153,29 @@ class ControlServer:
 
     async def prune(self, request: bytes,
                     context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        targets = self._ready_addresses()
+        targets = self._ready_addresses(context)
         if not targets:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no ready BuildKit replica")
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        async for _rid, record in self._merge(targets, CONTROL + "Prune", request):
+            yield record
+
+    async def _merge(self, targets: list[tuple[str, str]], path: str,
+                     request: bytes) -> AsyncGenerator[tuple[str, bytes], None]:
+        """The server streams of `path` from every target, merged as messages arrive."""
+        queue: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
+        method = path.rsplit("/", 1)[-1]
 
         async def pump(rid: str, addr: str) -> None:
             try:
-                async for record in self.channels.stream(
-                        addr, "/moby.buildkit.v1.Control/Prune", request, timeout=None):
-                    await queue.put(record)
+                async for message in self.channels.stream(addr, path, request, timeout=None):
+                    await queue.put((rid, message))
             except grpc.aio.AioRpcError as exc:
-                log.warning("fan-out call failed", extra={"replica": rid, "method": "Prune",
+                log.warning("fan-out call failed", extra={"replica": rid, "method": method,
                                                           "error": exc.details()})
             finally:
                 await queue.put(None)
 
-        tasks = [asyncio.create_task(pump(rid, addr), name=f"prune {rid}")
+        tasks = [asyncio.create_task(pump(rid, addr), name=f"{method} {rid}")
                  for rid, addr in targets]
         try:
             remaining = len(tasks)
@@ -152,3 +188,64 @@ class ControlServer:
         finally:
             for task in tasks:
                 task.cancel()
+
+    # ---- history ---------------------------------------------------------------------------
+
+    async def listen_history(self, request: bytes,
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        targets = self._ready_addresses(context)
+        if not targets:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "no ready BuildKit replica")
+        await context.send_initial_metadata((("buildkit-current-timestamp", _now()),))
+        ref = wire.decode_ref(request, field=2)
+        async for rid, event in self._merge(targets, CONTROL + "ListenBuildHistory", request):
+            if ref:
+                self.ledger.learn_owner(ref, rid)
+            yield event
+
+    async def _owner(self, context: grpc.aio.ServicerContext, ref: str) -> tuple[str, str]:
+        """The replica (id, address) whose history has the Ref; aborts NOT_FOUND if none."""
+        targets = self._ready_addresses(context)
+        probe = wire.history_request(ref=ref, early_exit=True)
+        if ref and targets:
+            try:
+                async with asyncio.timeout(OWNER_LOOKUP_TIMEOUT), contextlib.aclosing(
+                        self._merge(targets, CONTROL + "ListenBuildHistory", probe)) as events:
+                    async for rid, _event in events:
+                        self.ledger.learn_owner(ref, rid)
+                        return rid, dict(targets)[rid]
+            except TimeoutError:
+                pass
+        await context.abort(grpc.StatusCode.NOT_FOUND, f"no such job {ref}")
+        raise AssertionError("unreachable")  # abort raises
+
+    async def update_history(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        _rid, address = await self._owner(context, wire.decode_ref(request, field=1))
+        try:
+            return await self.channels.unary(address, CONTROL + "UpdateBuildHistory", request,
+                                             timeout=FANOUT_TIMEOUT)
+        except grpc.aio.AioRpcError as exc:
+            await context.abort(exc.code(), exc.details() or "")
+            raise
+
+    async def status(self, request: bytes,
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        _rid, address = await self._owner(context, wire.decode_ref(request, field=1))
+        call = self.channels.get(address).unary_stream(
+            CONTROL + "Status", request_serializer=_raw, response_deserializer=_raw)(request)
+        try:
+            headers = await call.initial_metadata()
+            await context.send_initial_metadata(tuple(headers or ()))
+            async for message in call:
+                yield message
+        except grpc.aio.AioRpcError as exc:
+            await context.abort(exc.code(), exc.details() or "")
+
+
+def _raw(data: bytes) -> bytes:
+    return data
+
+
+def _now() -> str:
+    now = datetime.now(UTC)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond * 1000:09d}Z"

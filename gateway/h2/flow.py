@@ -28,6 +28,7 @@ from gateway.h2.frames import (
     FLOW_CONTROL_ERROR,
     MAX_WINDOW,
     ProtocolError,
+    StreamError,
     frame_header_struct,
 )
 
@@ -151,7 +152,7 @@ class SendScheduler:
             return
         st.window += increment
         if st.window > MAX_WINDOW:
-            raise ProtocolError(FLOW_CONTROL_ERROR, f"stream {sid} window above 2^31-1")
+            raise StreamError(sid, FLOW_CONTROL_ERROR, f"stream {sid} window above 2^31-1")
         if st.queue:
             self._drain(sid, st, out)
 

@@ -102,6 +102,14 @@ class ProtocolError(Exception):
         self.code = code
 
 
+class StreamError(ProtocolError):
+    """An error confined to one stream: reset it with RST_STREAM(code), keep the connection."""
+
+    def __init__(self, stream_id: int, code: int, message: str) -> None:
+        super().__init__(code, message)
+        self.stream_id = stream_id
+
+
 class Frame(NamedTuple):
     type: int
     flags: int
@@ -238,6 +246,14 @@ def parse_u32(payload: memoryview | bytes) -> int:
         raise ProtocolError(FRAME_SIZE_ERROR, "frame payload must be 4 bytes")
     value: int = _U32.unpack_from(payload)[0]
     return value & 0x7FFFFFFF
+
+
+def parse_code(payload: memoryview | bytes) -> int:
+    """The 32-bit error code of RST_STREAM (no reserved bit to mask)."""
+    if len(payload) != 4:
+        raise ProtocolError(FRAME_SIZE_ERROR, "RST_STREAM payload must be 4 bytes")
+    code: int = _U32.unpack_from(payload)[0]
+    return code
 
 
 def ping(data: bytes, *, ack: bool = False) -> bytes:

@@ -247,6 +247,22 @@ class BuildHistoryRecord(_message.Message):
     CompletedAt: Timestamp
     def __init__(self, Ref: _Optional[str] = ..., CreatedAt: _Optional[_Union[Timestamp, _Mapping]] = ..., CompletedAt: _Optional[_Union[Timestamp, _Mapping]] = ...) -> None: ...
 
+class UpdateBuildHistoryRequest(_message.Message):
+    __slots__ = ("Ref", "Pinned", "Delete", "Finalize")
+    REF_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    DELETE_FIELD_NUMBER: _ClassVar[int]
+    FINALIZE_FIELD_NUMBER: _ClassVar[int]
+    Ref: str
+    Pinned: bool
+    Delete: bool
+    Finalize: bool
+    def __init__(self, Ref: _Optional[str] = ..., Pinned: _Optional[bool] = ..., Delete: _Optional[bool] = ..., Finalize: _Optional[bool] = ...) -> None: ...
+
+class UpdateBuildHistoryResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class BuildHistoryEvent(_message.Message):
     __slots__ = ("type", "record")
     TYPE_FIELD_NUMBER: _ClassVar[int]

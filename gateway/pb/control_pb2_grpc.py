@@ -74,6 +74,11 @@ class ControlStub:
                 request_serializer=control__pb2.BuildHistoryRequest.SerializeToString,
                 response_deserializer=control__pb2.BuildHistoryEvent.FromString,
                 _registered_method=True)
+        self.UpdateBuildHistory = channel.unary_unary(
+                '/moby.buildkit.v1.Control/UpdateBuildHistory',
+                request_serializer=control__pb2.UpdateBuildHistoryRequest.SerializeToString,
+                response_deserializer=control__pb2.UpdateBuildHistoryResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -127,6 +132,12 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateBuildHistory(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -169,6 +180,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.ListenBuildHistory,
                     request_deserializer=control__pb2.BuildHistoryRequest.FromString,
                     response_serializer=control__pb2.BuildHistoryEvent.SerializeToString,
+            ),
+            'UpdateBuildHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateBuildHistory,
+                    request_deserializer=control__pb2.UpdateBuildHistoryRequest.FromString,
+                    response_serializer=control__pb2.UpdateBuildHistoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -387,6 +403,33 @@ class Control:
             '/moby.buildkit.v1.Control/ListenBuildHistory',
             control__pb2.BuildHistoryRequest.SerializeToString,
             control__pb2.BuildHistoryEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateBuildHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moby.buildkit.v1.Control/UpdateBuildHistory',
+            control__pb2.UpdateBuildHistoryRequest.SerializeToString,
+            control__pb2.UpdateBuildHistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -81,7 +81,9 @@ class BackendConn(H2Conn):
         if call.b_in_done and call.b_out_done and self.calls.get(call.bsid) is call:
             del self.calls[call.bsid]
             self.forget_credit(call.bsid)
-            self.sched.close(call.bsid)
+            dropped = self.sched.close(call.bsid)
+            if dropped and not call.client.closed:
+                call.client.credit(0, dropped)  # queued upload bytes never sent: return them
             self.upstream.room_freed()
 
     # ---- frames from the replica -----------------------------------------------------------
@@ -98,7 +100,18 @@ class BackendConn(H2Conn):
             if call.build is not None:
                 client.hub.build_finished(call, errors.CODE_NAMES.get(call.status, "UNKNOWN")
                                           if call.status else "ok")
+            if call.capture is not None and call.status == 0:
+                client.hub.store_pong(client.pool, b"".join(call.capture))
+            call.capture = None
         if not call.c_out_done:
+            if call.drop_resp_headers:
+                # The client already has response headers (the gateway's own, sent while
+                # the build waited): drop the replica's, and keep only real trailers.
+                if not end_stream:
+                    self.release(call)
+                    return
+                headers = [(n, v) for n, v in headers
+                           if not n.startswith(b":") and n != b"content-type"]
             frames = client.send_headers(call.csid, encode(headers), end_stream=end_stream)
             client.sched.raw(call.csid, frames, client.out, last=end_stream)
             call.resp_headers_sent = True
@@ -114,6 +127,8 @@ class BackendConn(H2Conn):
                 self.release(call)
             return
         client = call.client
+        if call.capture is not None:
+            call.capture.append(bytes(payload))
         n = client.sched.data(call.csid, payload, bool(end), client.out)
         client.mark()
         if n < 0:
@@ -159,7 +174,8 @@ class BackendConn(H2Conn):
     def on_sent(self, sid: int, n: int) -> None:
         call = self.calls.get(sid)
         if call is not None:
-            call.client.credit(call.csid, n)
+            client = call.client
+            client.credit(call.csid if client.calls.get(call.csid) is call else 0, n)
 
     def on_end(self, sid: int) -> None:
         call = self.calls.get(sid)
@@ -201,8 +217,12 @@ class BackendConn(H2Conn):
         if exc is not None:
             reason += f": {exc}"
         for call in list(self.calls.values()):
+            completed = call.b_in_done  # trailers already in: the call ends normally
             call.b_in_done = call.b_out_done = True
-            call.client.end_with_error(call, errors.ReplicaLost(reason))
+            if completed:
+                self.release(call)
+            else:
+                call.client.end_with_error(call, errors.ReplicaLost(reason))
         self.calls.clear()
         flush_dirty()
 
@@ -249,7 +269,7 @@ class Upstream:
                 await asyncio.wait_for(
                     loop.create_connection(lambda: BackendConn(self), ep.host, ep.port),
                     CONNECT_TIMEOUT)
-        except (OSError, TimeoutError) as exc:
+        except Exception as exc:
             self.dialing = False
             reason = str(exc) or type(exc).__name__
             log.warning("replica unreachable", extra={"replica": self.replica_id,

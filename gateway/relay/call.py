@@ -29,8 +29,11 @@ class Call:
         "build",
         "c_in_done",
         "c_out_done",
+        "capture",
         "client",
         "csid",
+        "drop_resp_headers",
+        "first_decoded",
         "headers",
         "held",
         "held_bytes",
@@ -39,7 +42,10 @@ class Call:
         "replica",
         "resp_headers_sent",
         "rst_after_end",
+        "solve_ref",
         "status",
+        "vertex",
+        "vertex_ref",
         "waiting",
     )
 
@@ -65,6 +71,12 @@ class Call:
         self.resp_headers_sent = False
         self.rst_after_end = False  # backend reset NO_ERROR after its trailers
         self.status: int | None = None  # grpc-status seen in the backend's trailers
+        self.vertex: tuple[str, int, int] | None = None  # wait vertex: (digest, start ns, ahead)
+        self.drop_resp_headers = False  # the gateway already sent response headers itself
+        self.capture: list[bytes] | None = None  # response DATA kept (LLBBridge Pong cache)
+        self.first_decoded = False  # the first request message was read for routing
+        self.solve_ref = ""  # a Solve's Ref, once decoded
+        self.vertex_ref = ""  # the Ref whose wait this Status call shows
 
     def held_message(self) -> bytes:
         """The bytes held so far (for decoding the first request message)."""

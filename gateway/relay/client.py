@@ -15,21 +15,47 @@ ends the connection with GOAWAY; neither affects other connections.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import time
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from gateway import errors
+from gateway.admission.queue import Waiter
 from gateway.buildkit import wire
 from gateway.h2 import frames as fr
 from gateway.h2.headers import Headers, encode, get, get_all
 from gateway.relay.call import Call
 from gateway.relay.conn import H2Conn, flush_dirty
-from gateway.routing.placement import ConnectionPlacement, Decision, Fail, Placed, Route
+from gateway.routing.pick import Outcome
+from gateway.routing.placement import (
+    ConnectionPlacement,
+    Decision,
+    Enqueue,
+    Fail,
+    Placed,
+    Route,
+    Unlocated,
+    Waiting,
+)
 
 if TYPE_CHECKING:
     from gateway.relay.hub import Hub
 
+_FIRST_MESSAGE = (wire.CallClass.SOLVE, wire.CallClass.STATUS, wire.CallClass.HISTORY)
+
 log = logging.getLogger("gateway.relay")
+
+POOL_HEADER = b"x-buildkit-gateway-pool"
+LINGER = 5.0  # seconds a finished connection waits for the client to close its side
+WAIT_NAME = "[gateway] waiting for a builder"
+_OK_HEADERS = [(b":status", b"200"), (b"content-type", b"application/grpc")]
+
+
+def _rfc3339(ns: int) -> bytes:
+    stamp = datetime.fromtimestamp(ns / 1e9, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{stamp}.{ns % 1_000_000_000:09d}Z".encode()
 
 
 class ClientConn(H2Conn):
@@ -42,12 +68,17 @@ class ClientConn(H2Conn):
         self.calls: dict[int, Call] = {}
         self.last_sid = 0
         self.placement: ConnectionPlacement | None = None
+        self.pool = hub.default_pool
+        self.pick = hub.picker(self.pool)
+        self._tickets: dict[int, int] = {}  # stream of a queued Solve -> admission ticket
         self.peer = ""
         self._preface_needed = len(fr.PREFACE)
         self._preface_buf = b""
         self._timer: asyncio.TimerHandle | None = None
+        self._linger: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
-        self.accepting = True
+        self.accepting = True  # new streams are taken (false once GOAWAY went either way)
+        self.draining = False  # the gateway is stopping: no new builds
 
     # ---- connection ------------------------------------------------------------------------
 
@@ -91,10 +122,17 @@ class ClientConn(H2Conn):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
+        for timer in (self._timer, self._linger):
+            if timer is not None:
+                timer.cancel()
+        for ticket in self._tickets.values():
+            self.hub.dequeue(self.pool, ticket)
+        self._tickets.clear()
         for call in list(self.calls.values()):
             call.c_in_done = call.c_out_done = True
+            dropped = self.sched.close(call.csid)
+            if dropped and call.backend is not None:
+                call.backend.credit(0, dropped)  # the replica's window must not shrink
             self._abort_backend(call, fr.CANCEL, result="cancelled")
         self.calls.clear()
         self.hub.client_closed(self)
@@ -103,13 +141,55 @@ class ClientConn(H2Conn):
     def last_stream_id(self) -> int:
         return self.last_sid
 
+    def on_goaway(self, last_sid: int, code: int, debug: bytes) -> None:
+        """The client is going away: it opens no more streams; close once its calls end."""
+        self.accepting = False
+        if not self.calls:
+            self.finish()
+
     def drain(self) -> None:
-        """Graceful stop: refuse new streams, let the open ones finish."""
+        """Graceful stop: no new builds, builds already running finish.
+
+        Running builds still open streams (LLBBridge calls, Status), so the connection keeps
+        accepting them; new Solves and queued builds get UNAVAILABLE. GOAWAY goes out once no
+        build of the connection is left, and the connection closes when its calls are done.
+        """
+        self.draining = True
+        for stream in list(self._tickets):
+            self.rejected(stream, errors.ShuttingDown(
+                "the gateway is shutting down; this build had not started yet"))
+        self._maybe_goaway()
+        flush_dirty()
+
+    def finish(self) -> None:
+        """Closes a connection that has no calls left, without losing what is in flight.
+
+        Closing a socket with unread input makes the kernel send a reset, which can destroy
+        the last frames the client has not read yet (an OK trailer, say). So: send our FIN,
+        keep reading until the client closes its side, and abort only after LINGER seconds.
+        """
+        if self.transport is None or self.closed or self._linger is not None:
+            return
+        self.flush()
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        try:
+            self.transport.write_eof()
+        except OSError:  # the client is already gone
+            self.abort()
+            return
+        self._linger = asyncio.get_running_loop().call_later(LINGER, self.abort)
+
+    def _maybe_goaway(self) -> None:
+        if not self.draining or not self.accepting:
+            return
+        if any(c.klass is wire.CallClass.SOLVE for c in self.calls.values()):
+            return
         self.accepting = False
         self.send(fr.goaway(self.last_sid, fr.NO_ERROR, b"gateway shutting down"))
-        flush_dirty()
         if not self.calls:
-            self.close()
+            self.finish()
 
     # ---- streams from the client -----------------------------------------------------------
 
@@ -133,31 +213,33 @@ class ClientConn(H2Conn):
         call = Call(self, sid, headers, path, authority, klass)
         self.calls[sid] = call
         self.sched.open(sid)
-        self.hub.stream_opened(call)
         if self.placement is None:
             self.placement = self.hub.new_placement(authority=authority, client=self.peer)
+            self.pool = self.hub.pool_for(listener=self.listener, authority=authority)
+            self.pick = self.hub.picker(self.pool)
         if end_stream:
             self._client_data(call, b"", 0, True)
+        placement = self.placement
         if klass is wire.CallClass.CONTROL:
             self._route(call, self.hub.control_id)
         elif klass is wire.CallClass.SESSION:
             sid_value = (get(headers, wire.SESSION_UUID) or b"").decode("utf-8", "replace")
             sharedkey = (get(headers, wire.SESSION_SHAREDKEY) or b"").decode("utf-8", "replace")
             if sid_value:
-                self._apply(self.placement.session(sid, sid_value, sharedkey, self.hub.now(),
-                                                   self.hub.pick))
+                self._apply(placement.session(sid, sid_value, sharedkey, self.hub.now(),
+                                              self.pick))
             else:
-                self._apply(self.placement.other(sid, self.hub.pick))
+                self._apply(placement.other(sid, self.pick))
         elif klass is wire.CallClass.LLB:
             ids = get_all(headers, wire.BUILD_ID)
             if len(ids) == 1 and ids[0]:
                 ref = ids[0].decode("utf-8", "replace")
-                self._apply(self.placement.follower(sid, ref, self.hub.now(), self.hub.owner))
+                self._apply(placement.follower(sid, ref, self.hub.now(), self.hub.locate))
             else:  # the replica answers "no buildid found in context"
-                self._apply(self.placement.other(sid, self.hub.pick))
-        elif klass is wire.CallClass.OTHER:
-            self._apply(self.placement.other(sid, self.hub.pick))
-        else:  # SOLVE, STATUS: wait for the first request message
+                self._apply(placement.other(sid, self.pick))
+        elif klass in (wire.CallClass.OTHER, wire.CallClass.CONTENT):
+            self._apply(placement.other(sid, self.pick))
+        else:  # SOLVE, STATUS, HISTORY: wait for the first request message
             self._try_first_message(call)
 
     def on_data(self, sid: int, payload: memoryview, flow_len: int, end: int) -> None:
@@ -197,11 +279,11 @@ class ClientConn(H2Conn):
             return
         call.held.append((payload, end, flow_len))
         call.held_bytes += flow_len
-        if call.waiting and call.klass in (wire.CallClass.SOLVE, wire.CallClass.STATUS):
+        if call.waiting and call.klass in _FIRST_MESSAGE:
             self._try_first_message(call)
 
     def _try_first_message(self, call: Call) -> None:
-        if not call.waiting or call.held is None:
+        if not call.waiting or call.held is None or call.first_decoded:
             return
         try:
             message = wire.first_message(call.held_message())
@@ -209,20 +291,32 @@ class ClientConn(H2Conn):
                 if call.c_in_done:
                     raise wire.DecodeError("request ended before its first message")
                 return
-            if call.klass is wire.CallClass.SOLVE:
-                info = wire.decode_solve(message)
-            else:
-                ref = wire.decode_ref(message)
+            info = wire.decode_solve(message) if call.klass is wire.CallClass.SOLVE else None
+            if info is not None:
+                call.solve_ref = info.ref
+            ref = "" if info else wire.history_ref(call.path, message)
         except wire.DecodeError as exc:
             self.end_with_error(call, errors.BadRequest(f"cannot route {call.path}: {exc}"))
             return
+        call.first_decoded = True
         assert self.placement is not None
-        if call.klass is wire.CallClass.SOLVE:
-            self._apply(self.placement.solve(call.csid, info, self.hub.now(), self.hub.pick))
+        now = self.hub.now()
+        if info is not None:
+            if self.draining:
+                self.end_with_error(call, errors.ShuttingDown(
+                    "the gateway is shutting down and takes no new builds"))
+                return
+            self._apply(self.placement.solve(call.csid, info, now, self.pick))
+        elif call.klass is wire.CallClass.HISTORY:
+            # The Ref's owner if known; else the control server finds it (or merges all).
+            owner = self.hub.locate(ref) if ref else None
+            if owner is not None:
+                self.placement.history_replica = owner
+            self._route(call, owner or self.hub.control_id)
         elif ref:
-            self._apply(self.placement.follower(call.csid, ref, self.hub.now(), self.hub.owner))
+            self._apply(self.placement.follower(call.csid, ref, now, self.hub.locate))
         else:
-            self._apply(self.placement.other(call.csid, self.hub.pick))
+            self._apply(self.placement.other(call.csid, self.pick))
 
     def on_rst(self, sid: int, code: int) -> None:
         call = self.calls.pop(sid, None)
@@ -233,16 +327,16 @@ class ClientConn(H2Conn):
         dropped = self.sched.close(sid)
         if dropped and call.backend is not None:
             call.backend.credit(0, dropped)
-        if call.waiting and self.placement is not None:
-            self.placement.forget(sid)
-            self._reschedule()
+        self._forget(call)
         self._drop_held(call)
         self._abort_backend(call, code if code != fr.NO_ERROR else fr.CANCEL, result="cancelled")
+        if not self.accepting and not self.calls:
+            self.finish()
 
     def on_sent(self, sid: int, n: int) -> None:
         call = self.calls.get(sid)
-        if call is not None and call.backend is not None:
-            call.backend.credit(call.bsid, n)
+        if call is not None and (backend := call.backend) is not None:
+            backend.credit(call.bsid if backend.calls.get(call.bsid) is call else 0, n)
 
     def on_end(self, sid: int) -> None:
         call = self.calls.get(sid)
@@ -261,24 +355,148 @@ class ClientConn(H2Conn):
         for d in decisions:
             call = self.calls.get(d.stream)
             if isinstance(d, Placed):
+                self._tickets.pop(d.stream, None)
                 self.hub.build_placed(d, call)
+            elif isinstance(d, Enqueue):
+                self._enqueue(d)
             elif call is None:
                 continue
             elif isinstance(d, Route):
                 self._route(call, d.replica)
             elif isinstance(d, Fail):
-                self.end_with_error(call, errors.NoReplica(d.message))
+                self._tickets.pop(d.stream, None)
+                self.end_with_error(call, d.error)
+            elif isinstance(d, Waiting):
+                self._wait_shown(call, d.ref)
+            elif isinstance(d, Unlocated):
+                if call.klass is wire.CallClass.STATUS:  # the control server finds the owner
+                    self._route(call, self.hub.control_id)
+                else:
+                    method = call.path.rsplit("/", 1)[-1]
+                    self.end_with_error(call, errors.NotFound(
+                        f"forwarding {method}: no such job {d.ref}"))
         self._reschedule()
 
     def _route(self, call: Call, replica: str) -> None:
         call.waiting = False
         call.replica = replica
+        if call.vertex is not None:  # the wait is over: close the gateway's vertex
+            self._send_vertex(call, done=True)
+            call.drop_resp_headers = True
+        if replica == self.hub.control_id:
+            call.headers = [*call.headers, (POOL_HEADER, self.pool.encode())]
+        elif call.path.endswith("/Ping") and call.klass is wire.CallClass.LLB:
+            if self.hub.pools[self.pool].pong is None:
+                call.capture = []
         self.hub.open_upstream(call, replica)
+
+    # ---- admission: queued builds and the wait they show ----------------------------------
+
+    def _enqueue(self, d: Enqueue) -> None:
+        waiter = Waiter(d.ref, d.internal, d.key, d.target, 0.0, 0.0, handle=(self, d.stream))
+        if self.hub.enqueue(self.pool, waiter):
+            self._tickets[d.stream] = waiter.ticket
+            return
+        queue = self.hub.pools[self.pool].queue
+        self.rejected(d.stream, errors.QueueFull(
+            f"{len(queue)} builds are already waiting for a BuildKit replica of pool "
+            f"{self.pool} (--max-queue {queue.max_queue}); waited 0s"))
+
+    def admitted(self, stream: int, replica: str, outcome: Outcome, waited: float) -> None:
+        """Admission found a slot for a queued Solve of this connection."""
+        self._tickets.pop(stream, None)
+        if self.placement is None or self.closed:
+            return
+        log.info("build admitted", extra={"pool": self.pool, "replica": replica,
+                                          "waited_s": round(waited, 3)})
+        self._apply(self.placement.admitted(stream, replica, outcome, self.hub.now(),
+                                            self.pick))
+
+    def rejected(self, stream: int, error: errors.GatewayError) -> None:
+        self._tickets.pop(stream, None)
+        if self.placement is None or self.closed:
+            return
+        self._apply(self.placement.reject(stream, error, self.hub.now(), self.pick))
+
+    def show_wait(self, stream: int, ahead: int) -> None:
+        """A queued Solve's position changed: update its build's wait vertex."""
+        solve = self.calls.get(stream)
+        if solve is None or solve.build is not None:
+            return
+        for call in self.calls.values():
+            if call.vertex is not None and call.vertex[2] != ahead and call.replica is None:
+                if call.vertex_ref == solve.solve_ref:
+                    call.vertex = (call.vertex[0], call.vertex[1], ahead)
+                    self._send_vertex(call, done=False)
+
+    def _wait_shown(self, call: Call, ref: str) -> None:
+        """A held Status or LLBBridge call of a queued build."""
+        if call.klass is wire.CallClass.STATUS and call.vertex is None and not self.closed:
+            digest = "sha256:" + hashlib.sha256(b"gateway-wait/" + ref.encode()).hexdigest()
+            now_ns = time.time_ns()
+            call.vertex = (digest, now_ns, self._ahead_of(ref))
+            call.vertex_ref = ref
+            headers = [*_OK_HEADERS, (b"buildkit-current-timestamp", _rfc3339(now_ns))]
+            self.sched.raw(call.csid, self.send_headers(call.csid, encode(headers),
+                                                        end_stream=False), self.out)
+            call.resp_headers_sent = True
+            self._send_vertex(call, done=False)
+        elif call.klass is wire.CallClass.LLB and call.path.endswith("/Ping"):
+            pong = self.hub.pools[self.pool].pong
+            if pong is not None:  # answered from the pool's cache (the client allows 15 s)
+                assert self.placement is not None
+                self.placement.forget(call.csid, self.hub.now())
+                self._answer(call, pong)
+
+    def _ahead_of(self, ref: str) -> int:
+        for stream, ticket in self._tickets.items():
+            solve = self.calls.get(stream)
+            if solve is not None and solve.solve_ref == ref:
+                return self.hub.pools[self.pool].queue.ahead(ticket)
+        return 0
+
+    def _send_vertex(self, call: Call, *, done: bool) -> None:
+        assert call.vertex is not None
+        digest, started, ahead = call.vertex
+        name = WAIT_NAME if done else f"{WAIT_NAME}: {ahead} ahead"
+        message = wire.status_vertex(digest=digest, name=name, started_ns=started,
+                                     completed_ns=time.time_ns() if done else None)
+        self.sched.data(call.csid, wire.frame_message(message), False, self.out)
+        self.mark()
+        if done:
+            call.vertex = None
+
+    def _answer(self, call: Call, body: bytes) -> None:
+        """Answers a call with an OK response the gateway has at hand."""
+        call.waiting = False
+        self._drop_held(call)
+        self.sched.raw(call.csid, self.send_headers(call.csid, encode(_OK_HEADERS),
+                                                    end_stream=False), self.out)
+        self.sched.data(call.csid, body, False, self.out)
+        self.sched.raw(call.csid, self.send_headers(call.csid, encode([(b"grpc-status", b"0")]),
+                                                    end_stream=True), self.out, last=True)
+        call.resp_headers_sent = True
+        if not call.c_in_done:
+            self.out.append(fr.rst_stream(call.csid, fr.NO_ERROR))
+            call.c_in_done = True
+        self.mark()
+        self._release(call)
+
+    def _forget(self, call: Call) -> None:
+        """A call ended by the client before it was routed: it waits nowhere any more."""
+        ticket = self._tickets.pop(call.csid, None)
+        if ticket is not None:
+            self.hub.dequeue(self.pool, ticket)
+        if call.waiting and self.placement is not None:
+            self.placement.forget(call.csid, self.hub.now())
+            self._reschedule()
 
     def _reschedule(self) -> None:
         if self.placement is None or self.closed:
             return
         when = self.placement.deadline()
+        if when is not None:
+            when = max(when, self.hub.now())  # -inf: at once
         if when == self._timer_at:
             return
         if self._timer is not None:
@@ -292,7 +510,7 @@ class ClientConn(H2Conn):
         self._timer = None
         self._timer_at = None
         if self.placement is not None and not self.closed:
-            self._apply(self.placement.expire(self.hub.now(), self.hub.pick, self.hub.owner))
+            self._apply(self.placement.expire(self.hub.now(), self.pick, self.hub.locate))
         flush_dirty()
 
     # ---- ending calls ----------------------------------------------------------------------
@@ -300,8 +518,7 @@ class ClientConn(H2Conn):
     def end_with_error(self, call: Call, err: errors.GatewayError) -> None:
         """Ends the client stream with a gRPC error (and the backend stream, if any)."""
         self._abort_backend(call, fr.CANCEL, result=errors.CODE_NAMES[err.code])
-        if call.waiting and self.placement is not None:
-            self.placement.forget(call.csid)
+        self._forget(call)
         call.waiting = False
         self._drop_held(call)
         if not call.c_out_done and not self.closed:
@@ -332,10 +549,9 @@ class ClientConn(H2Conn):
         if backend is None:
             self.hub.cancel_pending(call)
             return
-        if not call.b_out_done:
-            dropped = backend.sched.close(call.bsid)
-            if dropped and not self.closed:
-                self.credit(0, dropped)
+        if not (call.b_out_done and call.b_in_done) and not backend.closed:
+            # Either half still open on the replica (a half-closed Solve still runs there):
+            # reset it, so a cancel reaches the daemon.
             backend.send(fr.rst_stream(call.bsid, code))
         call.b_out_done = call.b_in_done = True
         backend.release(call)
@@ -345,6 +561,7 @@ class ClientConn(H2Conn):
             del self.calls[call.csid]
             self.forget_credit(call.csid)
             self.sched.close(call.csid)
-            self.hub.stream_closed(call)
             if not self.accepting and not self.calls:
-                self.close()
+                self.finish()
+            elif call.klass is wire.CallClass.SOLVE:
+                self._maybe_goaway()

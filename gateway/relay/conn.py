@@ -133,6 +133,11 @@ class H2Conn(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.close()
 
+    def abort(self) -> None:
+        """Drops the connection at once, whatever is still buffered for the peer."""
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+
     # ---- input -----------------------------------------------------------------------------
 
     def connection_made(self, transport: Any) -> None:
@@ -190,12 +195,15 @@ class H2Conn(asyncio.Protocol):
                         raise fr.ProtocolError(fr.PROTOCOL_ERROR, "zero window increment")
                     self.on_stream_error(sid, fr.PROTOCOL_ERROR)
                     continue
-                self.sched.window_update(sid, inc, self.out)
+                try:
+                    self.sched.window_update(sid, inc, self.out)
+                except fr.StreamError as exc:
+                    self.on_stream_error(exc.stream_id, exc.code)
                 self.mark()
             elif ftype == fr.RST_STREAM:
                 if not sid:
                     raise fr.ProtocolError(fr.PROTOCOL_ERROR, "RST_STREAM on stream 0")
-                self.on_rst(sid, fr.parse_u32(payload))
+                self.on_rst(sid, fr.parse_code(payload))
             elif ftype == fr.SETTINGS:
                 if sid:
                     raise fr.ProtocolError(fr.PROTOCOL_ERROR, "SETTINGS on a stream")

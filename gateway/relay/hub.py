@@ -1,9 +1,13 @@
-"""The hub: what every relay connection shares (the pool, the ledger, upstreams, the picker).
+"""The hub: what every relay connection shares (pools, the ledger, upstreams, admission).
 
 Design: connections call the hub for decisions that need the whole gateway's view: picking a
-replica (a pure function of the registry snapshot and the ledger's loads), finding the upstream
-of a replica, and reporting builds and failures. The hash ring is rebuilt only when the registry
-snapshot's version changes. The hub holds no locks: everything runs on the event loop thread.
+replica (a pure function of the registry snapshot, the ledger's loads and the pool's slots),
+the upstream of a replica, the admission queue of a pool, and reports of builds and failures.
+Per pool the hub keeps the hash ring (rebuilt only when the registry's version changes), the
+admission queue and the cached LLBBridge Pong. Everything runs on the event loop thread, so no
+locks. Admission work is collapsed: any number of signals (a build ended, a replica became
+ready, a build was queued) schedule one admission pass and one refresh of the positions shown
+to waiting clients.
 """
 
 from __future__ import annotations
@@ -12,9 +16,11 @@ import asyncio
 import logging
 import random
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gateway import errors
+from gateway.admission.queue import AdmissionQueue, Waiter
 from gateway.builds.ledger import Ledger
 from gateway.config import (
     Endpoint,
@@ -25,9 +31,10 @@ from gateway.config import (
 )
 from gateway.relay.backend import Upstream
 from gateway.relay.call import Call
-from gateway.replicas.registry import Registry
+from gateway.replicas.registry import Registry, Snapshot
 from gateway.routing import pick as picking
-from gateway.routing.placement import ConnectionPlacement, Placed
+from gateway.routing.key import authority_name
+from gateway.routing.placement import WAIT, ConnectionPlacement, Pick, Placed
 from gateway.routing.ring import HashRing
 
 if TYPE_CHECKING:
@@ -38,6 +45,15 @@ log = logging.getLogger("gateway.relay")
 Spawn = Callable[[Coroutine[Any, Any, None], str], None]
 
 
+@dataclass(slots=True)
+class PoolState:
+    settings: PoolSettings
+    queue: AdmissionQueue
+    ring: HashRing = field(default_factory=lambda: HashRing(()))
+    ring_version: int = -1
+    pong: bytes | None = None  # a replica's LLBBridge Ping answer (DATA bytes, gRPC framed)
+
+
 class Hub:
     control_id = "control"
 
@@ -46,7 +62,7 @@ class Hub:
         *,
         relay: RelaySettings,
         routing: RoutingSettings,
-        pool: PoolSettings,
+        pools: tuple[PoolSettings, ...],
         registry: Registry,
         ledger: Ledger,
         control: Endpoint,
@@ -55,13 +71,17 @@ class Hub:
     ) -> None:
         self.relay = relay
         self.routing = routing
-        self.pool = pool
         self.registry = registry
         self.ledger = ledger
         self._spawn = spawn
         self._rng = rng or random.Random()
-        self._ring = HashRing(())
-        self._ring_version = -1
+        self.pools: dict[str, PoolState] = {
+            p.name: PoolState(p, AdmissionQueue(max_queue=p.max_queue, timeout=p.queue_timeout))
+            for p in pools
+        }
+        self.default_pool = pools[0].name
+        self._by_listener = {str(ep): p.name for p in pools for ep in p.listen}
+        self._by_authority = {a: p.name for p in pools for a in p.authorities}
         self.upstreams: dict[str, Upstream] = {
             self.control_id: Upstream(self, self.control_id, control, relay)
         }
@@ -69,6 +89,9 @@ class Hub:
         self.no_clients = asyncio.Event()
         self.no_clients.set()
         self.loop = asyncio.get_running_loop()
+        self._admission_scheduled = False
+        self._queue_timer: asyncio.TimerHandle | None = None
+        registry.subscribe(self._registry_changed)
 
     def spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> None:
         self._spawn(coro, name)
@@ -76,7 +99,14 @@ class Hub:
     def now(self) -> float:
         return self.loop.time()
 
-    # ---- placement -------------------------------------------------------------------------
+    # ---- pools and placement ---------------------------------------------------------------
+
+    def pool_for(self, *, listener: str, authority: str) -> str:
+        """A connection's pool: by its listener, else by :authority host, else the default."""
+        pool = self._by_listener.get(listener)
+        if pool is None:
+            pool = self._by_authority.get(authority_name(authority) or "", self.default_pool)
+        return pool
 
     def new_placement(self, *, authority: str, client: str) -> ConnectionPlacement:
         return ConnectionPlacement(
@@ -86,25 +116,127 @@ class Hub:
             hold_timeout=self.routing.hold_timeout,
         )
 
-    def pick(self, key: str | None, *, internal: bool,
-             ref: str) -> tuple[str, picking.Outcome] | None:
-        snap = self.registry.snapshot
-        candidates = snap.placeable()
-        if not candidates:
-            return None
-        exclude = self.ledger.running_on(ref) if ref else frozenset()
-        loads = self.ledger.loads()
-        if internal or key is None or self.pool.loadbalance == "random":
-            chosen = picking.two_choices(candidates, loads, self._rng, exclude=exclude)
-            return None if chosen is None else (chosen, picking.Outcome.RANDOM)
-        if snap.version != self._ring_version:
-            self._ring = HashRing(candidates)
-            self._ring_version = snap.version
-        return picking.bounded(self._ring.walk(key), loads, c=self.pool.load_factor,
-                               exclude=exclude)
+    def picker(self, pool: str) -> Callable[..., Pick]:
+        def pick(key: str | None, *, internal: bool, ref: str,
+                 target: str | None = None) -> Pick:
+            return self.pick(pool, key, internal=internal, ref=ref, target=target)
 
-    def owner(self, ref: str) -> str | None:
+        return pick
+
+    def _has_slot(self, state: PoolState, replica: str) -> bool:
+        limit = state.settings.max_builds
+        return not limit or self.ledger.loads().get(replica, 0) < limit
+
+    def pick(self, pool: str, key: str | None, *, internal: bool, ref: str,
+             target: str | None = None, queued: bool = False) -> Pick:
+        """A replica with a free slot, WAIT (queue), or None (the target left the pool).
+
+        `queued` is set by admission: a new build may not take a slot while builds of its pool
+        wait (FIFO), a queued one may.
+        """
+        state = self.pools[pool]
+        snap = self.registry.snapshot
+        if target is not None:
+            if target not in snap.by_id:
+                return None
+            if not snap.by_id[target].placeable:
+                return WAIT if queued else None
+            if internal or self._has_slot(state, target):
+                return target, picking.Outcome.BOUND
+            return WAIT
+        candidates = snap.placeable(pool)
+        if not internal and state.queue and not queued:
+            return WAIT
+        exclude = self.ledger.running_on(ref) if ref else frozenset()
+        free = [c for c in candidates
+                if c not in exclude and (internal or self._has_slot(state, c))]
+        if not free:
+            return WAIT
+        loads = self.ledger.loads()
+        if internal or key is None or state.settings.loadbalance == "random":
+            chosen = picking.two_choices(free, loads, self._rng)
+            return WAIT if chosen is None else (chosen, picking.Outcome.RANDOM)
+        ring = self._ring(state, snap, candidates)
+        order = [r for r in ring.walk(key) if r in free]
+        chosen_pair = picking.bounded(order, loads, c=state.settings.load_factor)
+        return WAIT if chosen_pair is None else chosen_pair
+
+    def _ring(self, state: PoolState, snap: Snapshot, candidates: tuple[str, ...]) -> HashRing:
+        if snap.version != state.ring_version:
+            state.ring = HashRing(candidates)
+            state.ring_version = snap.version
+        return state.ring
+
+    def locate(self, ref: str) -> str | None:
+        """Where a Ref runs (if on exactly one replica) or ran."""
+        running = self.ledger.running_on(ref)
+        if len(running) == 1:
+            return next(iter(running))
         return self.ledger.owner(ref)
+
+    # ---- admission -------------------------------------------------------------------------
+
+    def enqueue(self, pool: str, waiter: Waiter) -> bool:
+        if not self.pools[pool].queue.offer(waiter, self.now()):
+            return False
+        log.info("build queued", extra={"pool": pool, "ref": waiter.ref,
+                                        "queued": len(self.pools[pool].queue)})
+        self.schedule_admission()
+        return True
+
+    def dequeue(self, pool: str, ticket: int) -> None:
+        if self.pools[pool].queue.remove(ticket) is not None:
+            self.schedule_admission()
+
+    def schedule_admission(self) -> None:
+        if not self._admission_scheduled:
+            self._admission_scheduled = True
+            self.loop.call_soon(self._run_admission)
+
+    def _registry_changed(self, snapshot: Snapshot) -> None:
+        self.schedule_admission()
+
+    def _run_admission(self) -> None:
+        from gateway.relay.conn import flush_dirty
+
+        self._admission_scheduled = False
+        now = self.now()
+        for name, state in self.pools.items():
+            for waiter in state.queue.expire(now):
+                conn, stream = waiter.handle
+                waited = now - waiter.enqueued
+                conn.rejected(stream, errors.QueueTimeout(
+                    f"no BuildKit replica of pool {name} became free within {waited:.0f}s "
+                    f"(--queue-timeout {state.settings.queue_timeout:g}s)"))
+            if not state.queue:
+                continue
+
+            def place(waiter: Waiter, pool: str = name) -> str | None:
+                chosen = self.pick(pool, waiter.key, internal=waiter.internal, ref=waiter.ref,
+                                   target=waiter.target, queued=True)
+                if isinstance(chosen, tuple):
+                    waiter.handle[0].admitted(waiter.handle[1], chosen[0], chosen[1],
+                                              now - waiter.enqueued)
+                    return chosen[0]
+                return None
+
+            state.queue.admit(place)
+            for waiter in state.queue:
+                conn, stream = waiter.handle
+                conn.show_wait(stream, state.queue.ahead(waiter.ticket))
+        self._arm_queue_timer()
+        flush_dirty()
+
+    def _arm_queue_timer(self) -> None:
+        deadlines = [d for s in self.pools.values() if (d := s.queue.next_deadline()) is not None]
+        if self._queue_timer is not None:
+            self._queue_timer.cancel()
+            self._queue_timer = None
+        if deadlines:
+            self._queue_timer = self.loop.call_at(min(deadlines), self.schedule_admission)
+
+    def queued(self) -> int:
+        return sum(len(s.queue) for s in self.pools.values())
 
     # ---- upstreams -------------------------------------------------------------------------
 
@@ -131,6 +263,9 @@ class Hub:
             return
         self.registry.update(replica_id, ready=False, reason=reason)
 
+    def store_pong(self, pool: str, body: bytes) -> None:
+        self.pools[pool].pong = body
+
     # ---- reports from connections ----------------------------------------------------------
 
     def client_opened(self, conn: ClientConn) -> None:
@@ -142,15 +277,10 @@ class Hub:
         if not self.clients:
             self.no_clients.set()
 
-    def stream_opened(self, call: Call) -> None:
-        pass
-
-    def stream_closed(self, call: Call) -> None:
-        pass
-
     def build_placed(self, placed: Placed, call: Call | None) -> None:
-        self.ledger.start(placed.ref, placed.replica, internal=placed.internal, now=self.now())
-        if call is not None:
+        started = self.ledger.start(placed.ref, placed.replica, internal=placed.internal,
+                                    now=self.now())
+        if started and call is not None:  # a duplicate fails on the replica ("job ID exists")
             call.build = (placed.ref, placed.replica)
         log.debug("build placed", extra={"ref": placed.ref, "replica": placed.replica,
                                          "internal": placed.internal,
@@ -166,6 +296,12 @@ class Hub:
             log.info("build finished", extra={"ref": ref, "replica": replica,
                                               "internal": record.internal, "result": result,
                                               "duration_s": round(record.duration or 0, 3)})
+            if not record.internal:
+                self.schedule_admission()
+
+    def learn_owner(self, ref: str, replica: str) -> None:
+        """The control server found which replica ran a Ref."""
+        self.ledger.learn_owner(ref, replica)
 
     def call_failed(self, call: Call, err: errors.GatewayError) -> None:
         log.info("call failed", extra={"path": call.path, "code": errors.CODE_NAMES[err.code],

@@ -237,14 +237,33 @@ async def build(t: Transport, *, context_dir: str | None, node_id: str, internal
             result = gpb.SolveResponse.FromString(resp).result
         await t.unary(LLB_RETURN, gpb.ReturnRequest(result=result).SerializeToString(), bridge_md)
 
-    prefixes = {"solve": "failed to solve: ", "status": "failed to receive status: ",
-                "session": "session: ", "llb": ""}
     activities: list[tuple[str, Callable[[], Coroutine[None, None, None]]]] = [
         ("session", run_session), ("solve", run_solve), ("status", run_status), ("llb", run_llb)]
     rng.shuffle(activities)
     tasks: dict[asyncio.Task[None], str] = {
         asyncio.create_task(fn(), name=f"build-{ref}-{name}"): name for name, fn in activities}
     pending = set(tasks)
+    try:
+        await _supervise(tasks, pending, out, deadline=deadline, status_grace=status_grace,
+                         timeout=timeout)
+    except asyncio.CancelledError:  # the caller gave up on the build: so do its calls
+        await _cancel_all(set(tasks))
+        raise
+    out.replica = out.exporter_response.get("replica", "")
+    out.ok = out.error is None and out.calls.get("solve") == "ok"
+    return out
+
+
+_PREFIXES = {"solve": "failed to solve: ", "status": "failed to receive status: ",
+             "session": "session: ", "llb": ""}
+
+
+async def _supervise(tasks: dict[asyncio.Task[None], str], pending: set[asyncio.Task[None]],
+                     out: BuildOutcome, *, deadline: float, status_grace: float,
+                     timeout: float) -> None:
+    """Waits for a build's concurrent calls; the first failure ends the build."""
+    loop = asyncio.get_running_loop()
+    prefixes = _PREFIXES
     status_deadline: float | None = None
     while pending and out.error is None:
         wake = deadline if status_deadline is None else min(deadline, status_deadline)
@@ -278,9 +297,6 @@ async def build(t: Transport, *, context_dir: str | None, node_id: str, internal
     for task in pending:
         out.calls[tasks[task]] = "cancelled"
     await _cancel_all(pending)
-    out.replica = out.exporter_response.get("replica", "")
-    out.ok = out.error is None and out.calls.get("solve") == "ok"
-    return out
 
 
 async def probe(t: Transport, *, rng: random.Random | None = None,

@@ -44,6 +44,7 @@ CONTROL = "/moby.buildkit.v1.Control/"
 LLB = "/moby.buildkit.v1.frontend.LLBBridge/"
 HEALTH = "/grpc.health.v1.Health/"
 ECHO = "/test.Echo/"
+CONTENT = "/containerd.services.content.v1.Content/"
 
 SESSION_UUID = "x-docker-expose-session-uuid"
 SESSION_SHAREDKEY = "x-docker-expose-session-sharedkey"
@@ -381,6 +382,8 @@ class FakeReplica:
             CONTROL + "DiskUsage": (uu, self._disk_usage),
             CONTROL + "Prune": (us, self._prune),
             CONTROL + "ListenBuildHistory": (us, self._listen_history),
+            CONTROL + "UpdateBuildHistory": (uu, self._update_history),
+            CONTENT + "Info": (uu, self._content_info),
             LLB + "Ping": (uu, self._llb_ping),
             LLB + "Solve": (uu, self._llb_solve),
             LLB + "Return": (uu, self._llb_return),
@@ -660,6 +663,23 @@ class FakeReplica:
                 await context.write(await queue.get())
         finally:
             self._subscribers.discard(queue)
+
+    async def _update_history(self, call: _Call, request: bytes, context: Any) -> bytes:
+        """UpdateBuildHistory of a build this replica ran (Delete removes it), else NotFound."""
+        req = cpb.UpdateBuildHistoryRequest.FromString(request)
+        call.ref = req.Ref
+        if req.Ref not in self.history:
+            raise _Fail(grpc.StatusCode.NOT_FOUND, f"no such job {req.Ref}")
+        if req.Delete:
+            del self.history[req.Ref]
+        return b""
+
+    async def _content_info(self, call: _Call, request: bytes, context: Any) -> bytes:
+        """containerd Content.Info: answered by a replica with any build history (the blobs
+        of its builds live there), NotFound elsewhere."""
+        if not self.history:
+            raise _Fail(grpc.StatusCode.NOT_FOUND, "content digest not found")
+        return b""
 
     async def _health_check(self, call: _Call, request: bytes, context: Any) -> bytes:
         return b"\x08\x01"  # HealthCheckResponse{status: SERVING}

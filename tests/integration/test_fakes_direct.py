@@ -451,8 +451,8 @@ async def test_global_calls_and_history(make_replica: MakeReplica, connect: Conn
     pruned = [cpb.UsageRecord.FromString(m) async for m in t.server_stream(C + "Prune", b"")]
     assert [u.ID for u in pruned] == ["g-a", "g-b"]
     assert await t.unary("/grpc.health.v1.Health/Check", b"") == b"\x08\x01"
-    for path, msg in ((C + "UpdateBuildHistory", "unknown method UpdateBuildHistory for service"
-                       " moby.buildkit.v1.Control"), ("/nope.Svc/M", "unknown service nope.Svc")):
+    for path, msg in ((C + "Nope", "unknown method Nope for service moby.buildkit.v1.Control"),
+                      ("/nope.Svc/M", "unknown service nope.Svc")):
         with pytest.raises(RpcError) as err:
             await t.unary(path, b"")
         assert (err.value.code, err.value.details) == (12, msg)

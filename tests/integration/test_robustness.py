@@ -7,8 +7,8 @@ import random
 
 from tests.conftest import gateway_port, running_gateway, running_replicas
 from tests.fakes import buildflow
-from tests.fakes.ids import node_id
 from tests.fakes.h2_transport import H2Transport
+from tests.fakes.ids import node_id
 from tests.fakes.replica import FakeReplica
 from tests.fakes.transport import RpcError
 from tests.integration.clients import connect

@@ -25,8 +25,8 @@ def test_defaults() -> None:
     assert s.pool.loadbalance == "sticky"
     assert s.pool.load_factor == 1.25
     assert s.routing.session_wait == 1.0
-    assert s.routing.hold_timeout == 5.0
-    assert s.relay.stream_window == 16 << 20
+    assert s.routing.hold_timeout == 1.0
+    assert s.relay.stream_window == 17 << 20
     assert s.relay.connection_window == 256 << 20
     assert s.probe.interval == 5.0
     assert s.probe.timeout == 3.0
@@ -38,7 +38,7 @@ def test_flags() -> None:
         "--listen", "tcp://0.0.0.0:1234", "--listen", "unix:///run/gw.sock",
         "--replica", "tcp://10.0.0.1:1234", "--replica", "tcp://[fd00::2]:1234",
         "--loadbalance", "RANDOM", "--load-factor", "1.5", "--session-wait", "500ms",
-        "--hold-timeout", "2m", "--stream-window", "1048576", "--connection-window", "4194304",
+        "--hold-timeout", "2m", "--stream-window", "20000000", "--connection-window", "40000000",
         "--max-header-list", "65536", "--max-client-streams", "10", "--probe-interval", "1h",
         "--probe-timeout", "0.5", "--log-format", "json", "--log-level", "DEBUG",
     ], {})
@@ -49,7 +49,7 @@ def test_flags() -> None:
     assert s.pool.load_factor == 1.5
     assert s.routing.session_wait == pytest.approx(0.5)
     assert s.routing.hold_timeout == 120.0
-    assert (s.relay.stream_window, s.relay.connection_window) == (1 << 20, 4 << 20)
+    assert (s.relay.stream_window, s.relay.connection_window) == (20_000_000, 40_000_000)
     assert (s.relay.max_header_list, s.relay.max_client_streams) == (65536, 10)
     assert (s.probe.interval, s.probe.timeout) == (3600.0, 0.5)
     assert (s.log.format, s.log.level) == ("json", "debug")
@@ -74,7 +74,7 @@ loadbalance: random
 load-factor: 2
 session-wait: 750ms
 hold-timeout: 3
-stream-window: 65536
+stream-window: 20000000
 probe-interval: 2m
 log-level: warning
 """)
@@ -84,7 +84,7 @@ log-level: warning
     assert s.pool.load_factor == 2.0
     assert s.routing.session_wait == pytest.approx(0.75)
     assert s.routing.hold_timeout == 3.0
-    assert s.relay.stream_window == 65536
+    assert s.relay.stream_window == 20_000_000
     assert s.probe.interval == 120.0
     assert s.log.level == "warning"
 
@@ -164,6 +164,7 @@ def test_parse_endpoint_rejects(bad: str) -> None:
         (["--load-factor", "0.5"], {}, "--load-factor"),
         (["--load-factor", "x"], {}, "--load-factor"),
         (["--stream-window", "-1"], {}, "--stream-window"),
+        (["--stream-window", "65536"], {}, "--stream-window"),
         (["--max-client-streams", "1.5"], {}, "--max-client-streams"),
         (["--session-wait", "forever"], {}, "--session-wait"),
         (["--replica", "10.0.0.1:1234"], {}, "--replica"),
@@ -238,7 +239,7 @@ def test_duplicate_replicas_rejected() -> None:
 
 def test_cross_field_checks() -> None:
     with pytest.raises(ConfigError, match="connection-window"):
-        load(["--stream-window", "2000000", "--connection-window", "1000000"], {})
+        load(["--stream-window", "30000000", "--connection-window", "20000000"], {})
     with pytest.raises(ConfigError, match="2147483647"):
         load(["--stream-window", str(2**31), "--connection-window", str(2**31)], {})
     with pytest.raises(ConfigError, match="listen"):

@@ -725,7 +725,9 @@ backend bench_sink
 """
 
 
-def gateway_argv(args: argparse.Namespace) -> list[str] | None:
+def gateway_argv(args: argparse.Namespace, leg: str = "gateway") -> list[str] | None:
+    if leg == "gateway-base":
+        return shlex.split(args.baseline_gateway_cmd)
     if args.gateway_cmd:
         return shlex.split(args.gateway_cmd)
     local = Path(sys.executable).parent / "buildkit-gateway"
@@ -761,7 +763,7 @@ async def start_haproxy(leg: Leg, args: argparse.Namespace, tmp: Path, sink_port
 
 
 async def start_gateway(leg: Leg, args: argparse.Namespace, tmp: Path, sink_port: int) -> None:
-    argv = gateway_argv(args)
+    argv = gateway_argv(args, leg.name)
     if argv is None:
         leg.skipped = (
             "buildkit-gateway not found next to this python or on PATH "
@@ -779,7 +781,7 @@ async def start_gateway(leg: Leg, args: argparse.Namespace, tmp: Path, sink_port
     ]
     leg.note = " ".join(shlex.quote(a) for a in argv)
     try:
-        leg.proc = Proc("buildkit-gateway", argv, tmp / "gateway.log")
+        leg.proc = Proc("buildkit-gateway", argv, tmp / f"{leg.name}.log")
     except OSError as e:
         leg.skipped = f"cannot start {argv[0]}: {e}"
         return
@@ -911,7 +913,7 @@ def report(legs: list[Leg], payload: Payload, args: argparse.Namespace) -> dict[
         "received by the sink, waits = times the client stopped for flow-control window."
     )
     print()
-    for name in ("haproxy", "gateway"):
+    for name in ("haproxy", "gateway", "gateway-base"):
         sm = summary.get(name)
         if not isinstance(sm, dict):
             continue
@@ -925,6 +927,13 @@ def report(legs: list[Leg], payload: Payload, args: argparse.Namespace) -> dict[
             f"{fmt(sm['proxy_cpu_s'], '.3f')} s per upload, "
             f"{fmt(sm['proxy_cpu_us_per_frame'], '.1f')} us per DATA frame"
         )
+    cur, base = summary.get("gateway"), summary.get("gateway-base")
+    if isinstance(cur, dict) and isinstance(base, dict) and "skipped" not in cur and (
+            "skipped" not in base):
+        r_cur, r_base = cur["ratio_paired_median"], base["ratio_paired_median"]
+        if isinstance(r_cur, float) and isinstance(r_base, float) and r_base:
+            print(f"SUMMARY gateway vs gateway-base: per-round ratio {r_cur:.2f} vs "
+                  f"{r_base:.2f} ({(r_cur / r_base - 1) * 100:+.1f}%)")
     return summary
 
 
@@ -956,7 +965,7 @@ async def amain(args: argparse.Namespace) -> int:
                 lg.note = f"sink on 127.0.0.1:{sink_port} (bench/sink.py, pid {sink.pid})"
             elif lg.name == "haproxy":
                 await start_haproxy(lg, args, tmp, sink_port)
-            elif lg.name == "gateway":
+            elif lg.name in ("gateway", "gateway-base"):
                 await start_gateway(lg, args, tmp, sink_port)
             if lg.proc:
                 procs.append(lg.proc)
@@ -1035,6 +1044,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="gateway command (shell words); --listen/--replica are appended. Default: "
         "buildkit-gateway next to this python, else on PATH",
     )
+    ap.add_argument(
+        "--baseline-gateway-cmd",
+        default=None,
+        help="a second gateway measured in the same run as leg 'gateway-base' (e.g. an older "
+        "commit: 'env PYTHONPATH=/tmp/old .venv/bin/python -m gateway'); see bench/compare",
+    )
     ap.add_argument("--haproxy", default=None, help="haproxy binary (default: from PATH)")
     ap.add_argument(
         "--msg-sizes",
@@ -1058,9 +1073,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--keep-logs", action="store_true", help="keep the temp dir with logs/config")
     args = ap.parse_args(argv)
     args.legs = [x.strip() for x in args.legs.split(",") if x.strip()]
-    bad = set(args.legs) - {"direct", "haproxy", "gateway"}
+    if args.baseline_gateway_cmd and "gateway-base" not in args.legs:
+        args.legs.append("gateway-base")
+    bad = set(args.legs) - {"direct", "haproxy", "gateway", "gateway-base"}
     if bad:
         ap.error(f"unknown legs: {', '.join(sorted(bad))}")
+    if "gateway-base" in args.legs and not args.baseline_gateway_cmd:
+        ap.error("leg gateway-base needs --baseline-gateway-cmd")
     args.msg_sizes = [int(x) for x in args.msg_sizes.split(",")]
     if any(s <= 0 or s > 16 << 20 for s in args.msg_sizes):
         ap.error("--msg-sizes must be between 1 and 16 MiB")

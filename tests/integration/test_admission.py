@@ -104,19 +104,19 @@ async def test_a_cancelled_waiting_build_leaves_the_queue_at_once() -> None:
     async with pool_of(1, "--max-builds", "1", delay=30) as (replicas, gw):
         watch = QueueWatch(gw)
         port = gateway_port(gw)
-        busy, waiting = await connect("grpcio", port), await connect("grpc-go", port)
+        busy, waiting = await connect("grpc-go", port), await connect("grpcio", port)
         try:
             first = asyncio.create_task(buildflow.build(busy, context_dir="/a", node_id="1"))
             await watch.until(lambda: len(watch.admitted) == 1)
             second = asyncio.create_task(buildflow.build(waiting, context_dir="/b", node_id="2"))
             await watch.until(lambda: gw.hub is not None and gw.hub.queued() == 1)
             ref = watch.enqueued[0]
-            second.cancel()
-            await waiting.close()
+            second.cancel()  # Ctrl-C: the client resets the build's calls
             await watch.until(lambda: gw.hub is not None and gw.hub.queued() == 0, timeout=2)
-            first.cancel()
         finally:
-            await busy.close()
+            await busy.close()  # ends the running build too (its connection goes away)
+            await waiting.close()
+        await asyncio.wait({first}, timeout=5)
     assert ref not in replicas[0].refs_seen()  # never opened on the replica
 
 
@@ -147,7 +147,7 @@ async def test_queue_limits_refuse_with_resource_exhausted_and_clear_text() -> N
 
 
 async def test_the_wait_shows_in_the_build_progress_then_the_real_status() -> None:
-    async with pool_of(1, "--max-builds", "1", delay=0.3) as (_replicas, gw):
+    async with pool_of(1, "--max-builds", "1", delay=0.3) as (replicas, gw):
         watch = QueueWatch(gw)
         port = gateway_port(gw)
         conns = [await connect("grpc-go", port) for _ in range(4)]
@@ -172,3 +172,8 @@ async def test_the_wait_shows_in_the_build_progress_then_the_real_status() -> No
     digests = {v.digest for s in last.status for v in s.vertexes if v.name.startswith(WAIT)}
     assert len(digests) == 1
     assert names.index(WAIT) < names.index("[r0] build")  # then the replica's own progress
+    # Waiting builds' LLBBridge Pings are answered from the pool's cached Pong (cached from
+    # the first build's Ping; the second build's may have come before it was in).
+    pings = {p.ref for p in replicas[0].calls("/moby.buildkit.v1.frontend.LLBBridge/Ping")}
+    assert outs[0].ref in pings
+    assert outs[2].ref not in pings and outs[3].ref not in pings

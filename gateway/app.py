@@ -19,18 +19,23 @@ import tempfile
 from collections.abc import Coroutine
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
+from gateway import __version__
+from gateway.admin import status
+from gateway.admin.server import AdminServer
 from gateway.builds.ledger import Ledger
 from gateway.config import Endpoint, Settings
 from gateway.control.channels import Channels
 from gateway.control.probe import Prober, ReplicaCache
 from gateway.control.server import ControlServer
+from gateway.metrics import Metrics
 from gateway.relay.client import ClientConn
 from gateway.relay.hub import Hub
 from gateway.replicas.registry import Registry, Replica
 
 log = logging.getLogger("gateway")
 
-SHUTDOWN_GRACE = 30.0
 
 
 async def _guard(coro: Coroutine[Any, Any, None], name: str) -> None:
@@ -60,6 +65,9 @@ class Gateway:
         self.started = asyncio.Event()
         self.stop = asyncio.Event()
         self.hub: Hub | None = None
+        self.prometheus = CollectorRegistry()
+        self.metrics = Metrics(self.prometheus, version=__version__)
+        self.admin: AdminServer | None = None
 
     async def run(self) -> None:
         settings = self.settings
@@ -78,20 +86,28 @@ class Gateway:
                     tasks.append(task)
                     task.add_done_callback(tasks.remove)
 
+                prober = Prober(self.registry, self.cache, self.channels, settings.probe,
+                                self.metrics)
                 hub = Hub(relay=settings.relay, routing=settings.routing, pools=settings.pools,
                           registry=self.registry, ledger=self.ledger,
-                          control=Endpoint("unix", path=control_socket), spawn=spawn)
+                          control=Endpoint("unix", path=control_socket), spawn=spawn,
+                          metrics=self.metrics, eject=prober.eject)
                 self.hub = hub
-                prober = Prober(self.registry, self.cache, self.channels, settings.probe)
+                self.metrics.watch(lambda: status.gauges(hub))
                 await prober.probe_all()
                 spawn(prober.run(), "probe replicas")
                 if not self.registry.snapshot.replicas:
                     log.warning("no replicas configured; builds will wait until some are added")
+                if settings.admin.listen is not None:
+                    self.admin = AdminServer(hub, self.prometheus, version=__version__)
+                    await self.admin.start(*settings.admin.listen)
                 for ep in (*settings.listen.endpoints,
                            *(ep for pool in settings.pools for ep in pool.listen)):
                     servers.append(await self._listen(hub, ep))
                 log.info("gateway listening", extra={
                     "listen": ",".join(map(str, self.listening)),
+                    "admin": f"{settings.admin.listen[0]}:{self.admin.port}"
+                    if self.admin and settings.admin.listen else "off",
                     "replicas": ",".join(r.id for r in self.registry.snapshot.replicas),
                     "pools": ",".join(p.name for p in settings.pools)})
                 self.started.set()
@@ -123,7 +139,8 @@ class Gateway:
                         control: ControlServer) -> None:
         log.info("gateway stopping", extra={"clients": len(hub.clients),
                                             "queued": hub.queued()})
-        # 1. Stop accepting connections.
+        # 1. Readiness off (/readyz answers 503), no more connections.
+        hub.draining = True
         for server in servers:
             server.close()
         # 2. No new builds: queued ones get UNAVAILABLE, running ones may finish, and each
@@ -131,12 +148,14 @@ class Gateway:
         for conn in list(hub.clients):
             conn.drain()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(hub.no_clients.wait(), SHUTDOWN_GRACE)
-        # 3. Past the grace: cut what is left, then the replica connections and the control
-        #    server (which answers nothing once no client is left).
+            await asyncio.wait_for(hub.no_clients.wait(), self.settings.admin.shutdown_grace)
+        # 3. Past the grace: cut what is left, then the replica connections, the control
+        #    server (which answers nothing once no client is left) and the admin server.
         for conn in list(hub.clients):
             conn.abort()
         for upstream in hub.upstreams.values():
             upstream.close()
         await control.stop()
+        if self.admin is not None:
+            await self.admin.stop()
         log.info("gateway stopped")

@@ -142,6 +142,18 @@ class ProbeSettings:
     """Seconds between probes (ListWorkers + Info) of each replica; also refreshes caches."""
     timeout: float
     """Seconds a probe may take before the replica counts as unreachable."""
+    eject_backoff: float = 1.0
+    """Seconds a replica stays ejected after its first connect failure or lost connection."""
+    eject_backoff_max: float = 60.0
+    """Upper bound of the ejection time, which doubles with each ejection in a row."""
+
+
+@dataclass(frozen=True, slots=True)
+class AdminSettings:
+    listen: tuple[str, int] | None
+    """Host and port of the admin HTTP server (/metrics, /healthz, /readyz, /status), or None."""
+    shutdown_grace: float
+    """Seconds running builds may take to finish after SIGTERM before the gateway stops."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +173,7 @@ class Settings:
     relay: RelaySettings
     probe: ProbeSettings
     log: LogSettings
+    admin: AdminSettings
 
     @property
     def pool(self) -> PoolSettings:
@@ -217,6 +230,16 @@ def _stream_window(value: Any) -> int:
     return number
 
 
+def _host_port(value: Any) -> tuple[str, int] | None:
+    text = str(value).strip()
+    if not text:
+        return None
+    m = re.fullmatch(r"(\[[^\]]+\]|[^:\[\]]*):(\d{1,5})", text)
+    if not m or int(m.group(2)) > 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return m.group(1).strip("[]") or "0.0.0.0", int(m.group(2))
+
+
 def _count(value: Any) -> int:
     if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
         raise ValueError(f"expected a whole number, got {value!r}")
@@ -265,6 +288,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("--probe-interval", "time between probes of each replica", "5s", parse_duration,
            metavar="DUR"),
     Option("--probe-timeout", "time a probe may take", "3s", parse_duration, metavar="DUR"),
+    Option("--eject-backoff", "how long a replica that could not be reached takes no new "
+           "builds (doubles with each ejection in a row)", "1s", parse_duration,
+           metavar="DUR"),
+    Option("--eject-backoff-max", "upper bound of the ejection time", "60s", parse_duration,
+           metavar="DUR"),
+    Option("--admin-listen", "HOST:PORT of the admin server (/metrics, /healthz, /readyz, "
+           "/status, /api/status); empty disables it", "127.0.0.1:9180", _host_port,
+           metavar="HOST:PORT"),
+    Option("--shutdown-grace", "after SIGTERM, how long running builds may take to finish",
+           "5m", parse_duration, metavar="DUR"),
     Option("--log-format", "log format: text or json", "text", _choice("text", "json")),
     Option("--log-level", "log level: debug, info, warning, error", "info",
            _choice("debug", "info", "warning", "error")),
@@ -440,6 +473,8 @@ def _assemble(v: Mapping[str, Any], pools: tuple[PoolSettings, ...]) -> Settings
         routing=RoutingSettings(v["session-wait"], v["hold-timeout"]),
         relay=RelaySettings(v["stream-window"], v["connection-window"], v["max-header-list"],
                             v["max-client-streams"]),
-        probe=ProbeSettings(v["probe-interval"], v["probe-timeout"]),
+        probe=ProbeSettings(v["probe-interval"], v["probe-timeout"], v["eject-backoff"],
+                            v["eject-backoff-max"]),
         log=LogSettings(v["log-format"], v["log-level"]),
+        admin=AdminSettings(v["admin-listen"], v["shutdown-grace"]),
     )

@@ -29,12 +29,22 @@ CODE_NAMES = {
 }
 
 
+def result_name(code: int) -> str:
+    """A build's result for logs and metrics: "ok" or the lower-case gRPC code name."""
+    return CODE_NAMES.get(code, "unknown").lower()
+
+
 class GatewayError(Exception):
     code = UNKNOWN
+    result = ""  # the build result it gives; default: result_name(code)
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+    @property
+    def build_result(self) -> str:
+        return self.result or result_name(self.code)
 
 
 class NoReplica(GatewayError):
@@ -53,6 +63,14 @@ class ReplicaLost(GatewayError):
     """The replica's connection broke while the call was open."""
 
     code = UNAVAILABLE
+    result = "replica_lost"
+
+
+class ReplicaReset(GatewayError):
+    """The replica reset the call's stream (RST_STREAM): it is stopping or failing."""
+
+    code = UNAVAILABLE
+    result = "replica_reset"
 
 
 class QueueFull(GatewayError):

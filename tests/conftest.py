@@ -30,7 +30,8 @@ async def running_replicas(count: int, *, limits: JoinLimits | None = None,
 @contextlib.asynccontextmanager
 async def running_gateway(replica_addresses: Sequence[str],
                           *extra: str) -> AsyncIterator[Gateway]:
-    argv = ["--listen", "tcp://127.0.0.1:0", "--probe-interval", "0.5s"]
+    argv = ["--listen", "tcp://127.0.0.1:0", "--probe-interval", "0.5s",
+            "--admin-listen", "127.0.0.1:0"]
     for address in replica_addresses:
         argv += ["--replica", f"tcp://{address}"]
     settings = config.load([*argv, *extra], {})

@@ -18,6 +18,8 @@ import grpc
 
 from gateway.config import ProbeSettings
 from gateway.control.channels import Channels
+from gateway.metrics import Metrics
+from gateway.replicas.health import Ejections
 from gateway.replicas.registry import Registry, Replica
 
 log = logging.getLogger("gateway.probe")
@@ -40,13 +42,30 @@ class ReplicaCache:
 
 
 class Prober:
+    """Owns replica readiness: active probes, and passive ejections reported by the relay."""
+
     def __init__(self, registry: Registry, cache: ReplicaCache, channels: Channels,
-                 settings: ProbeSettings) -> None:
+                 settings: ProbeSettings, metrics: Metrics) -> None:
         self.registry = registry
         self.cache = cache
         self.channels = channels
         self.settings = settings
-        self.wake = asyncio.Event()  # set to probe at once (e.g. after a passive ejection)
+        self.metrics = metrics
+        self.ejections = Ejections(base=settings.eject_backoff, cap=settings.eject_backoff_max)
+        self.wake = asyncio.Event()  # set to probe at once (e.g. when an ejection ends)
+
+    def eject(self, replica_id: str, reason: str) -> None:
+        """The relay could not reach a replica: no new builds on it for a while."""
+        replica = self.registry.snapshot.by_id.get(replica_id)
+        if replica is None:
+            return
+        loop = asyncio.get_running_loop()
+        until = self.ejections.eject(replica_id, loop.time())
+        log.warning("replica ejected", extra={"replica": replica_id, "error": reason,
+                                              "backoff_s": round(until - loop.time(), 3)})
+        self.metrics.replica_ejections.labels(replica.pool, replica_id).inc()
+        self.registry.update(replica_id, ejected=True, reason=f"ejected: {reason}")
+        loop.call_at(until, self.wake.set)
 
     async def run(self) -> None:
         while True:
@@ -70,13 +89,17 @@ class Prober:
             info = await self.channels.unary(replica.address, INFO, b"", timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             reason = f"{exc.code().name}: {exc.details()}"
+            self.metrics.probe_failures.labels(replica.pool, replica.id).inc()
             if replica.ready or replica.reason != reason:
                 log.warning("replica not ready", extra={"replica": replica.id,
                                                         "address": replica.address,
                                                         "error": reason})
-            self.registry.update(replica.id, ready=False, reason=reason)
+            if not replica.ejected:
+                self.registry.update(replica.id, ready=False, reason=reason)
             return
         self.cache.answers[replica.id] = CachedAnswers(workers, info)
-        if not replica.ready:
+        if not self.ejections.probe_ok(replica.id, asyncio.get_running_loop().time()):
+            return  # still backing off after an ejection
+        if not replica.placeable:
             log.info("replica ready", extra={"replica": replica.id, "address": replica.address})
-        self.registry.update(replica.id, ready=True, reason="")
+        self.registry.update(replica.id, ready=True, ejected=False, reason="")

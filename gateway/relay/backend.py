@@ -41,6 +41,8 @@ class BackendConn(H2Conn):
 
     def __init__(self, upstream: Upstream) -> None:
         super().__init__(upstream.relay, name=f"replica {upstream.replica_id}")
+        self.rx_bytes = upstream.hub.metrics.downstream
+        self.errors = upstream.hub.metrics.http2_errors
         self.upstream = upstream
         self.calls: dict[int, Call] = {}
         self.next_sid = 1
@@ -98,8 +100,7 @@ class BackendConn(H2Conn):
             status = get(headers, b"grpc-status")
             call.status = int(status) if status and status.isdigit() else errors.UNKNOWN
             if call.build is not None:
-                client.hub.build_finished(call, errors.CODE_NAMES.get(call.status, "UNKNOWN")
-                                          if call.status else "ok")
+                client.hub.build_finished(call, errors.result_name(call.status))
             if call.capture is not None and call.status == 0:
                 client.hub.store_pong(client.pool, b"".join(call.capture))
             call.capture = None
@@ -140,18 +141,20 @@ class BackendConn(H2Conn):
             self.release(call)
 
     def on_rst(self, sid: int, code: int) -> None:
+        """The replica reset a stream.
+
+        After its trailers, RST(NO_ERROR) only tells the client to stop sending: it follows the
+        trailers. REFUSED_STREAM (never processed) is passed on: gRPC clients retry it. Any
+        other reset means the replica is stopping or failing: the client gets UNAVAILABLE
+        naming the replica, not a bare reset it cannot explain.
+        """
         call = self.calls.get(sid)
         if call is None:
             return
         ended_cleanly = call.b_in_done
         call.b_in_done = call.b_out_done = True
-        dropped = self.sched.close(sid)
-        client = call.client
-        if dropped:
-            client.credit(0, dropped)
-        if call.build is not None:
-            client.hub.build_finished(call, fr.ERROR_NAMES.get(code, "RST_STREAM"))
         self.release(call)
+        client = call.client
         if client.closed or (call.c_out_done and call.c_in_done):
             return
         if ended_cleanly and code == fr.NO_ERROR:
@@ -160,16 +163,23 @@ class BackendConn(H2Conn):
             if call.c_out_done:
                 client.send(fr.rst_stream(call.csid, fr.NO_ERROR))
                 call.c_in_done = True
-                client._release(call)
+                client.release_call(call)
             else:
                 call.rst_after_end = True
             return
-        dropped = client.sched.close(call.csid)
-        if dropped:
-            self.credit(0, dropped)
-        client.send(fr.rst_stream(call.csid, code))
-        call.c_in_done = call.c_out_done = True
-        client._release(call)
+        if code == fr.REFUSED_STREAM and not call.resp_headers_sent:
+            if call.build is not None:
+                client.hub.build_finished(call, "refused")
+            dropped = client.sched.close(call.csid)
+            if dropped:
+                self.credit(0, dropped)
+            client.send(fr.rst_stream(call.csid, code))
+            call.c_in_done = call.c_out_done = True
+            client.release_call(call)
+            return
+        client.end_with_error(call, errors.ReplicaReset(
+            f"BuildKit replica {self.upstream.replica_id} reset the call "
+            f"({fr.ERROR_NAMES.get(code, hex(code))})"))
 
     def on_sent(self, sid: int, n: int) -> None:
         call = self.calls.get(sid)
@@ -204,7 +214,7 @@ class BackendConn(H2Conn):
                         self.credit(0, dropped)
                     client.send(fr.rst_stream(call.csid, fr.REFUSED_STREAM))
                     call.c_in_done = call.c_out_done = True
-                    client._release(call)
+                    client.release_call(call)
         self.upstream.room_freed()
         if not self.calls:
             self.close()

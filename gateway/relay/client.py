@@ -63,6 +63,8 @@ class ClientConn(H2Conn):
 
     def __init__(self, hub: Hub, *, listener: str) -> None:
         super().__init__(hub.relay, name="client")
+        self.rx_bytes = hub.metrics.upstream
+        self.errors = hub.metrics.http2_errors
         self.hub = hub
         self.listener = listener
         self.calls: dict[int, Call] = {}
@@ -108,6 +110,7 @@ class ClientConn(H2Conn):
             if not fr.PREFACE.startswith(got):
                 log.warning("not an HTTP/2 client: closing",
                             extra={"conn": self.name, "first_bytes": bytes(data[:16]).hex()})
+                self.errors.labels("client", "not_http2").inc()
                 self.closed = True
                 if self.transport is not None:
                     self.transport.close()
@@ -134,6 +137,7 @@ class ClientConn(H2Conn):
             if dropped and call.backend is not None:
                 call.backend.credit(0, dropped)  # the replica's window must not shrink
             self._abort_backend(call, fr.CANCEL, result="cancelled")
+            self.hub.stream_closed(call)
         self.calls.clear()
         self.hub.client_closed(self)
         flush_dirty()
@@ -213,6 +217,7 @@ class ClientConn(H2Conn):
         call = Call(self, sid, headers, path, authority, klass)
         self.calls[sid] = call
         self.sched.open(sid)
+        self.hub.stream_opened(call)
         if self.placement is None:
             self.placement = self.hub.new_placement(authority=authority, client=self.peer)
             self.pool = self.hub.pool_for(listener=self.listener, authority=authority)
@@ -272,7 +277,7 @@ class ClientConn(H2Conn):
             else:
                 self.credit(call.csid, flow_len - len(payload) + n)
             if end:
-                self._release(call)
+                self.release_call(call)
             return
         if call.held is None:  # routed to nowhere (failed): drop
             self.credit(0, flow_len)
@@ -323,6 +328,7 @@ class ClientConn(H2Conn):
         self.forget_credit(sid)
         if call is None:
             return
+        self.hub.stream_closed(call)
         call.c_in_done = call.c_out_done = True
         dropped = self.sched.close(sid)
         if dropped and call.backend is not None:
@@ -347,7 +353,7 @@ class ClientConn(H2Conn):
             self.out.append(fr.rst_stream(sid, fr.NO_ERROR))
             call.c_in_done = True
             self._drop_held(call)
-        self._release(call)
+        self.release_call(call)
 
     # ---- carrying out decisions ------------------------------------------------------------
 
@@ -480,7 +486,7 @@ class ClientConn(H2Conn):
             self.out.append(fr.rst_stream(call.csid, fr.NO_ERROR))
             call.c_in_done = True
         self.mark()
-        self._release(call)
+        self.release_call(call)
 
     def _forget(self, call: Call) -> None:
         """A call ended by the client before it was routed: it waits nowhere any more."""
@@ -517,7 +523,7 @@ class ClientConn(H2Conn):
 
     def end_with_error(self, call: Call, err: errors.GatewayError) -> None:
         """Ends the client stream with a gRPC error (and the backend stream, if any)."""
-        self._abort_backend(call, fr.CANCEL, result=errors.CODE_NAMES[err.code])
+        self._abort_backend(call, fr.CANCEL, result=err.build_result)
         self._forget(call)
         call.waiting = False
         self._drop_held(call)
@@ -534,7 +540,7 @@ class ClientConn(H2Conn):
                 call.c_in_done = True
             self.mark()
         self.hub.call_failed(call, err)
-        self._release(call)
+        self.release_call(call)
 
     def _drop_held(self, call: Call) -> None:
         if call.held:
@@ -556,9 +562,10 @@ class ClientConn(H2Conn):
         call.b_out_done = call.b_in_done = True
         backend.release(call)
 
-    def _release(self, call: Call) -> None:
+    def release_call(self, call: Call) -> None:
         if call.c_in_done and call.c_out_done and self.calls.get(call.csid) is call:
             del self.calls[call.csid]
+            self.hub.stream_closed(call)
             self.forget_credit(call.csid)
             self.sched.close(call.csid)
             if not self.accepting and not self.calls:

@@ -41,6 +41,8 @@ class H2Conn(asyncio.Protocol):
     """Per-hop HTTP/2 machinery shared by both sides of the relay."""
 
     role = "?"
+    rx_bytes: Any  # a Counter child: bytes read on this hop
+    errors: Any  # the Counter of HTTP/2 protocol errors, by peer and kind
 
     def __init__(self, relay: RelaySettings, *, name: str) -> None:
         self.relay = relay
@@ -144,9 +146,11 @@ class H2Conn(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes | memoryview) -> None:
+        self.rx_bytes.inc(len(data))
         try:
             self.process(data)
         except fr.ProtocolError as exc:
+            self.errors.labels(self.role, fr.ERROR_NAMES.get(exc.code, hex(exc.code))).inc()
             log.warning(
                 "http2 protocol error",
                 extra={"conn": self.name, "role": self.role, "code": fr.ERROR_NAMES.get(exc.code),

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway import errors
 from gateway.admission.queue import AdmissionQueue, Waiter
-from gateway.builds.ledger import Ledger
+from gateway.builds.ledger import BuildRecord, Ledger
 from gateway.config import (
     Endpoint,
     PoolSettings,
@@ -29,6 +29,7 @@ from gateway.config import (
     RoutingSettings,
     parse_endpoint,
 )
+from gateway.metrics import Metrics
 from gateway.relay.backend import Upstream
 from gateway.relay.call import Call
 from gateway.replicas.registry import Registry, Snapshot
@@ -67,13 +68,19 @@ class Hub:
         ledger: Ledger,
         control: Endpoint,
         spawn: Spawn,
+        metrics: Metrics,
+        eject: Callable[[str, str], None],
         rng: random.Random | None = None,
     ) -> None:
         self.relay = relay
         self.routing = routing
         self.registry = registry
         self.ledger = ledger
+        self.metrics = metrics
+        self._eject = eject
         self._spawn = spawn
+        self.draining = False  # stopping: no new builds, /readyz false
+        self.streams: dict[str, int] = {}  # call class -> open client streams
         self._rng = rng or random.Random()
         self.pools: dict[str, PoolState] = {
             p.name: PoolState(p, AdmissionQueue(max_queue=p.max_queue, timeout=p.queue_timeout))
@@ -92,6 +99,10 @@ class Hub:
         self._admission_scheduled = False
         self._queue_timer: asyncio.TimerHandle | None = None
         registry.subscribe(self._registry_changed)
+
+    def ready(self) -> bool:
+        """Serving, not draining, and some replica takes builds (/readyz)."""
+        return not self.draining and any(r.placeable for r in self.registry.snapshot.replicas)
 
     def spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> None:
         self._spawn(coro, name)
@@ -178,14 +189,19 @@ class Hub:
 
     def enqueue(self, pool: str, waiter: Waiter) -> bool:
         if not self.pools[pool].queue.offer(waiter, self.now()):
+            self.metrics.queue_wait.labels(pool, "full").observe(0)
             return False
+        self.metrics.placements.labels(pool, self.pools[pool].settings.loadbalance,
+                                       "queued").inc()
         log.info("build queued", extra={"pool": pool, "ref": waiter.ref,
                                         "queued": len(self.pools[pool].queue)})
         self.schedule_admission()
         return True
 
-    def dequeue(self, pool: str, ticket: int) -> None:
-        if self.pools[pool].queue.remove(ticket) is not None:
+    def dequeue(self, pool: str, ticket: int, *, outcome: str = "cancelled") -> None:
+        waiter = self.pools[pool].queue.remove(ticket)
+        if waiter is not None:
+            self.metrics.queue_wait.labels(pool, outcome).observe(self.now() - waiter.enqueued)
             self.schedule_admission()
 
     def schedule_admission(self) -> None:
@@ -205,6 +221,7 @@ class Hub:
             for waiter in state.queue.expire(now):
                 conn, stream = waiter.handle
                 waited = now - waiter.enqueued
+                self.metrics.queue_wait.labels(name, "timeout").observe(waited)
                 conn.rejected(stream, errors.QueueTimeout(
                     f"no BuildKit replica of pool {name} became free within {waited:.0f}s "
                     f"(--queue-timeout {state.settings.queue_timeout:g}s)"))
@@ -215,6 +232,8 @@ class Hub:
                 chosen = self.pick(pool, waiter.key, internal=waiter.internal, ref=waiter.ref,
                                    target=waiter.target, queued=True)
                 if isinstance(chosen, tuple):
+                    self.metrics.queue_wait.labels(pool, "admitted").observe(
+                        now - waiter.enqueued)
                     waiter.handle[0].admitted(waiter.handle[1], chosen[0], chosen[1],
                                               now - waiter.enqueued)
                     return chosen[0]
@@ -259,9 +278,9 @@ class Hub:
                 upstream.cancel(call)
 
     def replica_unreachable(self, replica_id: str, reason: str) -> None:
-        if replica_id == self.control_id:
-            return
-        self.registry.update(replica_id, ready=False, reason=reason)
+        """A dial failed, or a connection with calls open broke: eject the replica."""
+        if replica_id != self.control_id:
+            self._eject(replica_id, reason)
 
     def store_pong(self, pool: str, body: bytes) -> None:
         self.pools[pool].pong = body
@@ -271,6 +290,19 @@ class Hub:
     def client_opened(self, conn: ClientConn) -> None:
         self.clients.add(conn)
         self.no_clients.clear()
+        self.metrics.client_connections.inc()
+
+    def stream_opened(self, call: Call) -> None:
+        klass = call.klass.value
+        self.streams[klass] = self.streams.get(klass, 0) + 1
+        self.metrics.streams.labels(klass).inc()
+
+    def stream_closed(self, call: Call) -> None:
+        self.streams[call.klass.value] -= 1
+
+    def pool_of(self, replica: str) -> str:
+        r = self.registry.snapshot.by_id.get(replica)
+        return r.pool if r is not None else ""
 
     def client_closed(self, conn: ClientConn) -> None:
         self.clients.discard(conn)
@@ -282,6 +314,12 @@ class Hub:
                                     now=self.now())
         if started and call is not None:  # a duplicate fails on the replica ("job ID exists")
             call.build = (placed.ref, placed.replica)
+        pool = self.pool_of(placed.replica)
+        self.metrics.builds_started.labels(pool, placed.replica,
+                                           str(placed.internal).lower()).inc()
+        if not placed.internal:
+            policy = self.pools[pool].settings.loadbalance if pool in self.pools else ""
+            self.metrics.placements.labels(pool, policy, placed.outcome.value).inc()
         log.debug("build placed", extra={"ref": placed.ref, "replica": placed.replica,
                                          "internal": placed.internal,
                                          "outcome": placed.outcome.value})
@@ -296,8 +334,16 @@ class Hub:
             log.info("build finished", extra={"ref": ref, "replica": replica,
                                               "internal": record.internal, "result": result,
                                               "duration_s": round(record.duration or 0, 3)})
+            self._count_finished(record, result)
             if not record.internal:
                 self.schedule_admission()
+
+    def _count_finished(self, record: BuildRecord, result: str) -> None:
+        pool = self.pool_of(record.replica)
+        self.metrics.builds_finished.labels(pool, record.replica, result,
+                                            str(record.internal).lower()).inc()
+        if not record.internal:
+            self.metrics.build_duration.labels(pool, result).observe(record.duration or 0.0)
 
     def learn_owner(self, ref: str, replica: str) -> None:
         """The control server found which replica ran a Ref."""

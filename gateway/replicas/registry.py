@@ -18,11 +18,12 @@ class Replica:
     pool: str = "default"
     ready: bool = False  # last probe succeeded and not ejected
     draining: bool = False  # takes no new builds (terminating, scale-down victim)
+    ejected: bool = False  # taken out after a connect failure or lost connection (backoff)
     reason: str = "not probed yet"  # why not ready
 
     @property
     def placeable(self) -> bool:
-        return self.ready and not self.draining
+        return self.ready and not self.draining and not self.ejected
 
 
 @dataclass(frozen=True, slots=True)

@@ -65,6 +65,7 @@ async def test_runs_in_the_foreground_serves_builds_and_exits_0_on_sigterm(tmp_p
         config.write_text(f"replica:\n  - tcp://{replicas[0].address}\n")
         proc = await asyncio.create_subprocess_exec(
             *CMD, "--listen", f"tcp://127.0.0.1:{port}", "--config", str(config),
+            "--admin-listen", "127.0.0.1:0",
             "--log-format", "json",
             stderr=asyncio.subprocess.PIPE,
             env={**os.environ, "BUILDKIT_GATEWAY_REPLICA": f"tcp://{replicas[1].address}"})

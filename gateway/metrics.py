@@ -1,0 +1,162 @@
+"""Every Prometheus metric of the gateway, in one place, on an injected registry.
+
+Design: event counters and histograms are updated where things happen (a build starts or ends,
+a placement is made, a client connects, a frame layer error); everything that is a *state*
+(active builds, queue lengths, replicas by state, open connections and streams) is read from
+the gateway's own snapshots at scrape time by `StateCollector`, so the hot path pays nothing
+for it. Names follow Prometheus conventions: `buildkit_gateway_` prefix, base units
+(seconds, bytes), `_total` on counters. Labels are bounded: pool and replica names come from
+configuration or discovery, results and kinds from fixed sets; routing keys, Refs and client
+addresses never appear.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+PREFIX = "buildkit_gateway_"
+
+BUILD_SECONDS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400)
+WAIT_SECONDS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    """What the gauges show, read from the gateway when Prometheus scrapes."""
+
+    active_builds: dict[tuple[str, str, bool], int]  # (pool, replica, internal) -> builds
+    queued: dict[str, int]  # pool -> builds waiting
+    replicas: dict[tuple[str, str], str]  # (pool, replica) -> state
+    clients: int
+    streams: dict[str, int]  # call class -> open client streams
+    ready: bool
+    draining: bool
+    slots: dict[tuple[str, str], int] = field(default_factory=dict)  # (pool, replica) -> slots
+
+
+REPLICA_STATES = ("ready", "not_ready", "ejected", "draining")
+
+
+class StateCollector(Collector):
+    def __init__(self, read: Callable[[], State | None]) -> None:
+        self._read = read
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # state gauges appear once the gateway runs
+
+    def collect(self) -> Iterator[Metric]:
+        state = self._read()
+        if state is None:
+            return
+        active = GaugeMetricFamily(PREFIX + "builds_active", "Builds running on a replica.",
+                                   labels=["pool", "replica", "internal"])
+        for (pool, replica, internal), n in sorted(state.active_builds.items()):
+            active.add_metric([pool, replica, str(internal).lower()], n)
+        yield active
+        slots = GaugeMetricFamily(PREFIX + "replica_slots",
+                                  "Concurrent build slots of a replica (0: unlimited).",
+                                  labels=["pool", "replica"])
+        for (pool, replica), n in sorted(state.slots.items()):
+            slots.add_metric([pool, replica], n)
+        yield slots
+        queued = GaugeMetricFamily(PREFIX + "queue_length", "Builds waiting for a replica.",
+                                   labels=["pool"])
+        for pool, n in sorted(state.queued.items()):
+            queued.add_metric([pool], n)
+        yield queued
+        up = GaugeMetricFamily(PREFIX + "replica_up",
+                               "1 if the replica takes new builds (probed ready, not ejected, "
+                               "not draining).", labels=["pool", "replica"])
+        by_state = GaugeMetricFamily(PREFIX + "replicas", "Replicas of a pool by state.",
+                                     labels=["pool", "state"])
+        counts: dict[tuple[str, str], int] = {}
+        for (pool, replica), st in sorted(state.replicas.items()):
+            up.add_metric([pool, replica], 1 if st == "ready" else 0)
+            counts[(pool, st)] = counts.get((pool, st), 0) + 1
+        for pool in sorted({p for p, _r in state.replicas} | set(state.queued)):
+            for st in REPLICA_STATES:
+                by_state.add_metric([pool, st], counts.get((pool, st), 0))
+        yield up
+        yield by_state
+        clients = GaugeMetricFamily(PREFIX + "client_connections",
+                                    "Open client HTTP/2 connections.")
+        clients.add_metric([], state.clients)
+        yield clients
+        streams = GaugeMetricFamily(PREFIX + "streams", "Open client streams by call class.",
+                                    labels=["class"])
+        for klass, n in sorted(state.streams.items()):
+            streams.add_metric([klass], n)
+        yield streams
+        ready = GaugeMetricFamily(PREFIX + "ready",
+                                  "1 while the gateway is ready for builds (/readyz).")
+        ready.add_metric([], 1 if state.ready else 0)
+        yield ready
+        draining = GaugeMetricFamily(PREFIX + "draining", "1 while the gateway is stopping.")
+        draining.add_metric([], 1 if state.draining else 0)
+        yield draining
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry, *, version: str) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series
+        self.registry = registry
+        self.builds_started = Counter(
+            PREFIX + "builds_started", "Builds placed on a replica.",
+            ["pool", "replica", "internal"], registry=registry)
+        self.builds_finished = Counter(
+            PREFIX + "builds_finished", "Builds ended, by result (ok, a gRPC code name, "
+            "cancelled, replica_lost).", ["pool", "replica", "result", "internal"],
+            registry=registry)
+        self.build_duration = Histogram(
+            PREFIX + "build_duration_seconds", "Time from placement to the end of the Solve, "
+            "non-internal builds.", ["pool", "result"], buckets=BUILD_SECONDS, registry=registry)
+        self.queue_wait = Histogram(
+            PREFIX + "queue_wait_seconds", "Time builds waited for a replica, by how the wait "
+            "ended (admitted, timeout, full, cancelled, shutdown).", ["pool", "outcome"],
+            buckets=WAIT_SECONDS, registry=registry)
+        self.placements = Counter(
+            PREFIX + "placements", "Placement decisions by policy and outcome (primary, spill, "
+            "random, bound, queued).", ["pool", "policy", "outcome"], registry=registry)
+        self.client_connections = Counter(
+            PREFIX + "client_connections_accepted", "Client connections accepted.",
+            registry=registry)
+        self.streams = Counter(
+            PREFIX + "streams_opened", "Client streams opened, by call class.", ["class"],
+            registry=registry)
+        self.relayed_bytes = Counter(
+            PREFIX + "relayed_bytes", "HTTP/2 bytes read on each hop: direction=upstream from "
+            "clients, downstream from replicas.", ["direction"], registry=registry)
+        self.http2_errors = Counter(
+            PREFIX + "http2_errors", "Connections ended for an HTTP/2 protocol error, by "
+            "error code (not_http2: no client preface).", ["peer", "kind"], registry=registry)
+        self.replica_ejections = Counter(
+            PREFIX + "replica_ejections", "Replicas taken out of placement after a connect "
+            "failure or a lost connection.", ["pool", "replica"], registry=registry)
+        self.probe_failures = Counter(
+            PREFIX + "probe_failures", "Failed active probes of a replica.",
+            ["pool", "replica"], registry=registry)
+        registry.register(GaugeInfo(version))
+        self.upstream = self.relayed_bytes.labels("upstream")
+        self.downstream = self.relayed_bytes.labels("downstream")
+
+    def watch(self, read: Callable[[], State | None]) -> None:
+        self.registry.register(StateCollector(read))
+
+
+class GaugeInfo(Collector):
+    """buildkit_gateway_build_info{version, python} 1."""
+
+    def __init__(self, version: str) -> None:
+        self._labels = [version, platform.python_version()]
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily(PREFIX + "build_info", "Always 1; labels: the gateway's "
+                                 "version and Python's.", labels=["version", "python"])
+        info.add_metric(self._labels, 1)
+        yield info

@@ -1,10 +1,15 @@
-"""Command line: `buildkit-gateway [options]` runs the gateway in the foreground until SIGTERM
-or SIGINT. Options come from flags, environment variables and a YAML file (gateway/config.py);
-invalid settings exit with status 2 and a message naming the option.
+"""Command line.
+
+`buildkit-gateway [options]` runs the gateway in the foreground until SIGTERM or SIGINT.
+Options come from flags, environment variables and a YAML file (gateway/config.py); invalid
+settings exit with status 2 and a message naming the option.
+
+`buildkit-gateway status [--admin URL]` prints the state of a running gateway as a table.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
@@ -13,6 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from gateway import config, logs
+from gateway.admin import table
 from gateway.app import Gateway
 
 log = logging.getLogger("gateway")
@@ -26,9 +32,24 @@ async def _serve(settings: config.Settings) -> None:
     await gateway.run()
 
 
+def _status(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="buildkit-gateway status",
+        description="Print the replicas, queue and recent builds of a running gateway.")
+    parser.add_argument("--admin", metavar="URL",
+                        default=os.environ.get(config.ENV_PREFIX + "ADMIN", "127.0.0.1:9180"),
+                        help="the gateway's admin address (--admin-listen) "
+                             f"[env {config.ENV_PREFIX}ADMIN] (default: %(default)s)")
+    args = parser.parse_args(list(argv))
+    return table.main(args.admin)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["status"]:
+        return _status(argv[1:])
     try:
-        settings = config.load(sys.argv[1:] if argv is None else argv, os.environ)
+        settings = config.load(argv, os.environ)
     except config.ConfigError as exc:
         print(f"buildkit-gateway: {exc}", file=sys.stderr)
         return 2

@@ -311,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
         "option can also be set by an environment variable (BUILDKIT_GATEWAY_ + the option "
         "name in upper case, '-' as '_'; repeatable options take a comma-separated list) or "
         "by a key of the YAML file given with --config (the option name without dashes). "
-        "Precedence: flag, environment, file, default.",
+        "Precedence: flag, environment, file, default. `buildkit-gateway status --help` "
+        "describes the status subcommand.",
     )
     parser.add_argument("--config", metavar="FILE", help="YAML settings file",
                         default=None)

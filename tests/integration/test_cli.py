@@ -11,6 +11,7 @@ import sys
 from gateway.config import OPTIONS
 from tests.conftest import running_replicas
 from tests.fakes import buildflow
+from tests.fakes.transport import RpcError
 from tests.integration.clients import connect
 
 CMD = [sys.executable, "-m", "gateway"]
@@ -90,3 +91,49 @@ async def test_runs_in_the_foreground_serves_builds_and_exits_0_on_sigterm(tmp_p
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+
+
+async def test_sigterm_lets_10_builds_finish_refuses_new_connections_and_exits_0() -> None:
+    async with running_replicas(2) as replicas:
+        for r in replicas:
+            r.solve_delay = 1.5
+        port = _free_port()
+        proc = await asyncio.create_subprocess_exec(
+            *CMD, "--listen", f"tcp://127.0.0.1:{port}", "--admin-listen", "127.0.0.1:0",
+            "--log-format", "json", *(a for r in replicas for a in ("--replica",
+                                                                     f"tcp://{r.address}")),
+            stderr=asyncio.subprocess.PIPE)
+        assert proc.stderr is not None
+        conns = []
+        try:
+            async with asyncio.timeout(20):
+                while b'"msg": "gateway listening"' not in (line := await proc.stderr.readline()):
+                    assert line, "gateway exited before listening"
+            conns = [await connect("grpc-go" if i % 2 else "grpcio", port) for i in range(10)]
+            builds = [asyncio.create_task(buildflow.build(t, context_dir=f"/src/{i}",
+                                                          node_id=f"{i:016x}"))
+                      for i, t in enumerate(conns)]
+            await replicas[0].wait_for(
+                lambda: sum(len(r.active_builds(include_internal=False)) for r in replicas) == 10,
+                10)
+            proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(20):
+                while b'"msg": "gateway stopping"' not in (line := await proc.stderr.readline()):
+                    assert line, "gateway exited before stopping"
+            refused = None
+            try:
+                await connect("grpc-go", port)
+            except RpcError as exc:
+                refused = exc
+            outs = await asyncio.gather(*builds)
+            async with asyncio.timeout(20):
+                code = await proc.wait()
+        finally:
+            for t in conns:
+                await t.close()
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    assert all(o.ok for o in outs), [o.error for o in outs]
+    assert refused is not None and refused.code == 14
+    assert code == 0

@@ -1,0 +1,224 @@
+"""The /status page rendered by a real browser: headless Chromium against a busy gateway.
+
+Three fake replicas, one of them stopped; `--max-builds 1`, so of five long builds two run and
+three wait. Two quick builds finish first, for the recent-builds table. Chromium loads the page
+(its script fetches /api/status), and the DOM it dumps after the script ran must show every
+replica with its state, the running builds, the queue and the recent builds; one build's Ref
+is markup, which must come out as text. A screenshot goes to $STATUS_SCREENSHOT (default: a
+tmp path). Skipped only when no Chromium is installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+from collections.abc import Callable
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from gateway.app import Gateway
+from tests.conftest import gateway_port, running_gateway, running_replicas
+from tests.fakes import buildflow
+from tests.fakes.ids import new_id
+from tests.fakes.transport import Transport
+from tests.integration.clients import connect
+
+CHROMIUM = next((p for p in (shutil.which("chromium"), "/usr/bin/chromium",
+                             shutil.which("chromium-browser"), shutil.which("google-chrome"))
+                 if p and os.access(p, os.X_OK)), None)
+pytestmark = [
+    pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed "
+                       "(apt-get install chromium)"),
+    pytest.mark.timeout(120),
+]
+
+EVIL_REF = '<img src=x onerror="alert(1)">&amp;'
+FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage", "--hide-scrollbars", "--virtual-time-budget=3000")
+
+
+class Dom(HTMLParser):
+    """The rendered page as tags, text and table rows (each row: its cells' text)."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: set[str] = set()
+        self.text: list[str] = []
+        self.rows: list[list[str]] = []
+        self._ids: list[str | None] = []
+        self.by_id: dict[str, list[str]] = {}
+        self._row: list[str] | None = None
+        self._cell: list[str] | None = None
+        self.feed(html)
+        self.close()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.add(tag)
+        if tag == "tr":
+            self._row = []
+        elif tag in ("td", "th") and self._row is not None:
+            self._cell = []
+        ident = dict(attrs).get("id")
+        if tag not in ("br", "img", "meta", "input", "hr", "link"):
+            self._ids.append(ident)
+            if ident:
+                self.by_id.setdefault(ident, [])
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self._row is not None and self._cell is not None:
+            self._row.append(" ".join("".join(self._cell).split()))
+            self._cell = None
+        elif tag == "tr" and self._row is not None:
+            self.rows.append(self._row)
+            self._row = None
+        if self._ids and tag not in ("br", "img", "meta", "input", "hr", "link"):
+            self._ids.pop()
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+        if self._cell is not None:
+            self._cell.append(data)
+        for ident in self._ids:
+            if ident:
+                self.by_id[ident].append(data)
+
+    def text_of(self, ident: str) -> str:
+        return " ".join("".join(self.by_id.get(ident, [])).split())
+
+    def row(self, first: str) -> list[str]:
+        """The table row whose first cell starts with `first`."""
+        found = [r for r in self.rows if r and r[0].startswith(first)]
+        assert len(found) == 1, (first, self.rows)
+        return found[0]
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.05)
+
+
+async def chromium(url: str, tmp: Path, name: str, *args: str) -> bytes:
+    """Runs headless Chromium (own session, so a hung browser can be killed) without
+    blocking the event loop the gateway runs in; returns its stdout."""
+    assert CHROMIUM is not None
+    proc = await asyncio.create_subprocess_exec(
+        CHROMIUM, *FLAGS, f"--user-data-dir={tmp / ('profile-' + name)}", *args, url,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, start_new_session=True)
+    try:
+        async with asyncio.timeout(60):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        raise AssertionError(f"chromium ({name}) did not finish in 60 s") from None
+    assert proc.returncode == 0, (name, proc.returncode, err.decode(errors="replace")[-2000:])
+    return out
+
+
+def replica_states(gw: Gateway) -> dict[str, tuple[bool, bool]]:
+    assert gw.hub is not None
+    return {r.id: (r.ready, r.ejected) for r in gw.hub.registry.snapshot.replicas}
+
+
+async def test_status_page_renders_replicas_queue_and_recent_builds(tmp_path: Path) -> None:
+    shot = Path(os.environ.get("STATUS_SCREENSHOT") or tmp_path / "status.png")
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        shot.unlink()
+    conns: list[Transport] = []
+    tasks: list[asyncio.Task[buildflow.BuildOutcome]] = []
+    async with running_replicas(3) as replicas, running_gateway(
+            [r.address for r in replicas], "--max-builds", "1") as gw:
+        hub = gw.hub
+        assert hub is not None
+        port, admin = gateway_port(gw), gw.admin.port
+        ids = [r.address for r in replicas]
+        try:
+            await until(lambda: all(ready for ready, _ in replica_states(gw).values()))
+            # two quick builds finish first: the recent-builds table
+            for r in replicas:
+                r.solve_delay = 0.2
+            conns += [await connect("grpc-go", port) for _ in range(2)]
+            done = await asyncio.gather(*(
+                buildflow.build(t, context_dir=f"/src/done{i}", node_id=new_id())
+                for i, t in enumerate(conns)))
+            assert all(o.ok for o in done), [o.error for o in done]
+            # one replica goes away: it shows as not ready (or ejected)
+            await replicas[2].stop(grace=0)
+            await until(lambda: replica_states(gw)[ids[2]] != (True, False))
+            # five long builds on two replicas of one slot each: two run, three wait
+            for r in replicas[:2]:
+                r.solve_delay = 60
+            refs = [EVIL_REF] + [new_id() for _ in range(4)]
+            for i, ref in enumerate(refs):
+                t = await connect("grpc-go", port)
+                conns.append(t)
+                tasks.append(asyncio.create_task(buildflow.build(
+                    t, context_dir=f"/src/p{i}", node_id=new_id(), ref=ref, timeout=90)))
+            await until(lambda: (len([b for b in hub.ledger.active() if not b.internal]) == 2
+                                 and hub.queued() == 3))
+
+            url = f"http://127.0.0.1:{admin}/status"
+            dumped, _ = await asyncio.gather(
+                chromium(url, tmp_path, "dom", "--dump-dom"),
+                chromium(url, tmp_path, "shot", f"--screenshot={shot}",
+                         "--window-size=1280,900"))
+        finally:
+            for task in tasks:
+                task.cancel()
+            for t in conns:
+                await t.close()  # ends their builds on the gateway and the replicas
+            if tasks:
+                await asyncio.wait(tasks, timeout=5)
+
+    html = dumped.decode()
+    dom = Dom(html)
+    text = " ".join("".join(dom.text).split())
+    # the script ran and the fetch succeeded
+    assert dom.text_of("updated").startswith("updated "), dom.text_of("updated")
+    assert dom.text_of("notice") == ""
+    assert dom.text_of("state") == "ready"
+    assert dom.text_of("version") not in ("", "–", "?")
+    assert "2/3 replicas ready" in text and "2 builds running" in text, text
+    assert "3 waiting" in text, text
+    # every replica, with its state, reason and load
+    for rid in ids[:2]:
+        row = dom.row(rid)
+        assert row[1] == "ready", row
+        assert row[3].startswith("1 / 1"), row
+    down = dom.row(ids[2])
+    assert down[1] in ("not ready", "ejected"), down
+    assert down[2], down  # the reason
+    assert down[3].startswith("0 / 1"), down
+    # the queue: positions 1..3, each waiting for any replica
+    queue = [r for r in dom.rows if r and r[0][:1].isdigit()]
+    assert [r[0] for r in queue] == ["1 (next)", "2", "3"], queue
+    assert all(r[2].startswith("waiting ") and r[3] == "any replica" for r in queue), queue
+    # running and waiting builds are listed by their shortened Ref
+    shown = " ".join(dom.row(rid)[4] for rid in ids[:2]) + " " + " ".join(r[1] for r in queue)
+    for ref in refs:
+        assert (ref if len(ref) <= 14 else ref[:12] + "…") in shown, (ref, shown)
+    # markup in a Ref is text, never an element
+    assert "img" not in dom.tags
+    # the recent builds: both quick ones, ok, with their replica and a duration
+    for o in done:
+        row = dom.row(o.ref[:12])
+        assert row[1] == "default" or row[1] != "", row
+        assert row[2] in ids, row
+        assert row[3].endswith(" s"), row
+        assert row[4] == "ok", row
+    # the screenshot
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", shot
+    assert 20_000 < len(data) < 5_000_000, len(data)
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert (width, height) == (1280, 900), (width, height)

@@ -57,3 +57,17 @@ def gateway_port(gateway: Gateway) -> int:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+def require_tool(name: str) -> str:
+    """The path of a system tool a test needs; skip without it, unless CI requires tools."""
+    import os
+    import shutil
+
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (Debian package; .ci/run installs it)"
+        if os.environ.get("BUILDKIT_GATEWAY_REQUIRE_TOOLS"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path

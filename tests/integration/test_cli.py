@@ -12,7 +12,7 @@ from gateway.config import OPTIONS
 from tests.conftest import running_replicas
 from tests.fakes import buildflow
 from tests.fakes.transport import RpcError
-from tests.integration.clients import connect
+from tests.integration.clients import client, connect
 
 CMD = [sys.executable, "-m", "gateway"]
 
@@ -76,11 +76,8 @@ async def test_runs_in_the_foreground_serves_builds_and_exits_0_on_sigterm(tmp_p
                 while b'"msg": "gateway listening"' not in (line := await proc.stderr.readline()):
                     assert line, "gateway exited before listening"
             assert replicas[1].address in line.decode()  # env beats the file
-            t = await connect("grpc-go", port)
-            try:
+            async with client("grpc-go", port) as t:
                 out = await buildflow.buildctl(t, context_dir="/src")
-            finally:
-                await t.close()
             assert out.ok, out.error
             assert out.replica == "r1"
             proc.send_signal(signal.SIGTERM)

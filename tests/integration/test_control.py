@@ -7,7 +7,7 @@ import pytest
 from gateway.pb import control_pb2 as cpb
 from tests.conftest import gateway_port, running_gateway, running_replicas
 from tests.fakes.transport import RpcError
-from tests.integration.clients import STYLES, connect
+from tests.integration.clients import STYLES, client
 
 CONTROL = "/moby.buildkit.v1.Control/"
 
@@ -16,14 +16,11 @@ CONTROL = "/moby.buildkit.v1.Control/"
 async def test_disk_usage_and_prune_return_the_union_of_all_replicas(style: str) -> None:
     async with running_replicas(3) as replicas, running_gateway(
             [r.address for r in replicas]) as gw:
-        t = await connect(style, gateway_port(gw))
-        try:
+        async with client(style, gateway_port(gw)) as t:
             raw = await t.unary(CONTROL + "DiskUsage", cpb.DiskUsageRequest().SerializeToString())
             usage = cpb.DiskUsageResponse.FromString(raw)
             pruned = [cpb.UsageRecord.FromString(m) async for m in t.server_stream(
                 CONTROL + "Prune", cpb.PruneRequest(all=True).SerializeToString())]
-        finally:
-            await t.close()
     expected = {f"r{i}-{s}" for i in range(3) for s in "ab"}
     assert {r.ID for r in usage.record} == expected
     assert len(usage.record) == 6
@@ -41,14 +38,11 @@ async def test_list_workers_and_info_are_answered_from_cache_with_every_replica_
         for r in replicas:
             await r.stop(grace=0)
         port = gateway_port(gw)
-        t = await connect(style, port)
-        try:
+        async with client(style, port) as t:
             workers = cpb.ListWorkersResponse.FromString(
                 await t.unary(CONTROL + "ListWorkers", b"", timeout=5))
             info = cpb.InfoResponse.FromString(await t.unary(CONTROL + "Info", b"", timeout=5))
             health = await t.unary("/grpc.health.v1.Health/Check", b"", timeout=5)
-        finally:
-            await t.close()
     assert {w.ID for w in workers.record} == {"r0", "r1", "r2"}
     assert info.buildkitVersion.version == "v0.fake"
     assert health in (b"\x08\x01", b"\x08\x02")  # SERVING until the next probe notices
@@ -61,11 +55,8 @@ async def test_list_workers_before_any_replica_answered_is_unavailable() -> None
         dead = replicas[0].address
         await replicas[0].stop(grace=0)
         async with running_gateway([dead]) as gw:
-            t = await connect("grpcio", gateway_port(gw))
-            try:
+            async with client("grpcio", gateway_port(gw)) as t:
                 with pytest.raises(RpcError) as err:
                     await t.unary(CONTROL + "ListWorkers", b"", timeout=5)
-            finally:
-                await t.close()
     assert err.value.code == 14
     assert "no BuildKit replica has answered" in err.value.details

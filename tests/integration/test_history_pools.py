@@ -11,7 +11,7 @@ from tests.fakes import buildflow
 from tests.fakes.ids import new_id, node_id
 from tests.fakes.replica import FakeReplica
 from tests.fakes.transport import Transport
-from tests.integration.clients import connect
+from tests.integration.clients import client, connect
 
 CONTROL = "/moby.buildkit.v1.Control/"
 CONTENT_INFO = "/containerd.services.content.v1.Content/Info"
@@ -28,11 +28,8 @@ async def _builds_on_every_replica(port: int, replicas: list[FakeReplica]) -> di
     owners: dict[str, str] = {}
     i = 0
     while {r.name for r in replicas} - set(owners.values()) or len(owners) < 6:
-        t = await connect("grpcio", port)
-        try:
+        async with client("grpcio", port) as t:
             out = await buildflow.build(t, context_dir=f"/src/h{i}", node_id=node_id())
-        finally:
-            await t.close()
         assert out.ok, out.error
         owners[out.ref] = out.replica
         i += 1
@@ -69,15 +66,12 @@ async def test_history_and_content_calls_reach_the_owner_and_listings_merge() ->
         assert content == {name: list(owners.values()).count(name) for name in content}
 
         # `buildx history ls`: one listing merged from every replica, one timestamp header.
-        t = await connect("grpc-go", port)
-        try:
+        async with client("grpc-go", port) as t:
             call = t.open_server_stream(  # type: ignore[attr-defined]
                 CONTROL + "ListenBuildHistory",
                 cpb.BuildHistoryRequest(EarlyExit=True).SerializeToString())
             refs = [cpb.BuildHistoryEvent.FromString(m).record.Ref async for m in call]
             headers = await call.headers()
-        finally:
-            await t.close()
         assert sorted(refs) == sorted(owners)
         assert [k for k, _v in headers].count("buildkit-current-timestamp") == 1
 
@@ -90,16 +84,12 @@ async def test_a_gateway_without_memory_finds_owners_by_history_never_by_status(
                                    "--hold-timeout", "200ms") as fresh:
             port = gateway_port(fresh)
             for ref, owner in owners.items():
-                t = await connect("grpcio", port)
-                try:
+                async with client("grpcio", port) as t:
                     status = [cpb.StatusResponse.FromString(m) async for m in t.server_stream(
                         CONTROL + "Status", cpb.StatusRequest(Ref=ref).SerializeToString())]
-                finally:
-                    await t.close()
                 assert any(v.name == f"[{owner}] build" for s in status for v in s.vertexes)
                 assert _calls(replicas, CONTROL + "Status", ref) == {owner}
-            t = await connect("grpc-go", port)
-            try:
+            async with client("grpc-go", port) as t:
                 unknown = new_id()
                 error = None
                 try:
@@ -108,8 +98,6 @@ async def test_a_gateway_without_memory_finds_owners_by_history_never_by_status(
                         pass
                 except Exception as exc:
                     error = exc
-            finally:
-                await t.close()
             assert getattr(error, "code", None) == 5
             assert f"no such job {unknown}" in str(error)
 

@@ -14,7 +14,7 @@ from tests.conftest import gateway_port, running_gateway, running_replicas
 from tests.fakes import buildflow
 from tests.fakes.ids import node_id
 from tests.fakes.replica import JoinLimits
-from tests.integration.clients import connect
+from tests.integration.clients import client, connect
 from tests.integration.test_admission import QueueWatch
 
 SOLVE = "/moby.buildkit.v1.Control/Solve"
@@ -162,11 +162,8 @@ async def test_a_replica_killed_mid_build_fails_its_builds_within_2s_others_fini
 async def test_status_subcommand_prints_the_table() -> None:
     async with running_replicas(2) as replicas, running_gateway(
             [r.address for r in replicas]) as gw:
-        t = await connect("grpc-go", gateway_port(gw))
-        try:
+        async with client("grpc-go", gateway_port(gw)) as t:
             out = await buildflow.build(t, context_dir="/src/s", node_id=node_id())
-        finally:
-            await t.close()
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gateway", "status", "--admin", admin_url(gw),
             stdout=asyncio.subprocess.PIPE)

@@ -11,7 +11,7 @@ from tests.fakes.h2_transport import H2Transport
 from tests.fakes.ids import node_id
 from tests.fakes.replica import FakeReplica
 from tests.fakes.transport import RpcError
-from tests.integration.clients import connect
+from tests.integration.clients import client, connect
 
 SOLVE = "/moby.buildkit.v1.Control/Solve"
 
@@ -29,19 +29,15 @@ async def test_garbage_on_the_port_is_dropped_and_builds_still_work() -> None:
                 while await reader.read(65536):  # server SETTINGS, maybe a GOAWAY, then EOF
                     pass
             writer.close()
-        t = await connect("grpcio", port)
-        try:
+        async with client("grpcio", port) as t:
             out = await buildflow.buildctl(t, context_dir="/src")
-        finally:
-            await t.close()
         assert out.ok, out.error
 
 
 async def test_undecodable_solve_gets_invalid_argument_naming_the_problem() -> None:
     async with running_replicas(1) as replicas, running_gateway(
             [r.address for r in replicas]) as gw:
-        t = await connect("grpc-go", gateway_port(gw))
-        try:
+        async with client("grpc-go", gateway_port(gw)) as t:
             try:
                 await t.unary(SOLVE, b"\x0a\xff\xff\xff\x0f", timeout=5)
             except RpcError as err:
@@ -49,8 +45,6 @@ async def test_undecodable_solve_gets_invalid_argument_naming_the_problem() -> N
             else:
                 raise AssertionError("an undecodable Solve was accepted")
             out = await buildflow.build(t, context_dir="/src", node_id=node_id())
-        finally:
-            await t.close()
     assert error.code == 3
     assert "cannot route /moby.buildkit.v1.Control/Solve" in error.details
     assert out.ok, out.error  # the connection is still good
@@ -66,12 +60,9 @@ async def test_unreachable_replica_is_skipped_not_fatal() -> None:
             assert snap.by_id[dead].reason  # why, for the status page and the log
             port = gateway_port(gw)
             for i in range(10):
-                t = await connect("grpcio", port)
-                try:
+                async with client("grpcio", port) as t:
                     out = await buildflow.buildx_session(t, context_dir=f"/src/{i}",
                                                          node_id=node_id())
-                finally:
-                    await t.close()
                 assert out.ok, out.error
                 assert out.builds[0].replica == "r0"
 
@@ -81,8 +72,7 @@ async def test_client_resets_mid_flight_leave_other_streams_correct() -> None:
     async with running_replicas(2) as replicas, running_gateway(
             [r.address for r in replicas]) as gw:
         port = gateway_port(gw)
-        t = await connect("grpc-go", port)
-        try:
+        async with client("grpc-go", port) as t:
             # Uploads in flight on one connection; half of them are cancelled mid-way.
             async def doomed() -> None:
                 call = await t.bidi("/test.Echo/Bidi")
@@ -96,8 +86,6 @@ async def test_client_resets_mid_flight_leave_other_streams_correct() -> None:
                                   upload=2_000_000, rng=random.Random(rng.random()))
                   for _ in range(5)),
                 return_exceptions=True)
-        finally:
-            await t.close()
         for r in results[5:]:
             assert isinstance(r, buildflow.BuildOutcome)
             assert r.ok, r.error
@@ -105,11 +93,8 @@ async def test_client_resets_mid_flight_leave_other_streams_correct() -> None:
         for r in results[:5]:
             assert not isinstance(r, BaseException) or isinstance(r, RpcError)
         # The gateway still serves the next connection.
-        t = await connect("grpcio", port)
-        try:
+        async with client("grpcio", port) as t:
             out = await buildflow.buildctl(t, context_dir="/src")
-        finally:
-            await t.close()
         assert out.ok, out.error
 
 

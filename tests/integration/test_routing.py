@@ -17,7 +17,7 @@ from tests.conftest import gateway_port, running_gateway, running_replicas
 from tests.fakes import buildflow
 from tests.fakes.ids import node_id
 from tests.fakes.replica import FakeReplica
-from tests.integration.clients import STYLES, connect
+from tests.integration.clients import STYLES, client, connect
 
 
 def replicas_of(replicas: list[FakeReplica], *, ref: str, sessions: set[str]) -> set[str]:
@@ -105,24 +105,18 @@ async def test_sticky_same_context_from_fresh_connections_lands_on_one_replica(
         port = gateway_port(gw)
         landed = set()
         for _ in range(20):  # fresh CI runners: new connection, new node id each time
-            t = await connect(style, port)
-            try:
+            async with client(style, port) as t:
                 out = await buildflow.buildx_session(t, context_dir="/ci/runner/work/myapp",
                                                      node_id=node_id())
-            finally:
-                await t.close()
             assert out.ok, out.error
             landed.add(out.builds[0].replica)
         assert len(landed) == 1
 
         per_dir = {}
         for i in range(30):
-            t = await connect(style, port)
-            try:
+            async with client(style, port) as t:
                 out = await buildflow.buildx_session(t, context_dir=f"/src/project-{i}",
                                                      node_id=node_id())
-            finally:
-                await t.close()
             assert out.ok, out.error
             per_dir[i] = out.builds[0].replica
         assert set(per_dir.values()) == {"r0", "r1", "r2"}
@@ -134,11 +128,8 @@ async def test_random_policy_spreads_builds_over_all_replicas() -> None:
         port = gateway_port(gw)
         counts: dict[str, int] = defaultdict(int)
         for _ in range(30):
-            t = await connect("grpcio", port)
-            try:
+            async with client("grpcio", port) as t:
                 out = await buildflow.buildctl(t, context_dir="/src/same")
-            finally:
-                await t.close()
             assert out.ok, out.error
             counts[out.replica] += 1
         assert set(counts) == {"r0", "r1", "r2"}

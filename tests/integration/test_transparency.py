@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import gateway_port, running_gateway, running_replicas
 from tests.fakes.replica import error_details
 from tests.fakes.transport import RpcError
-from tests.integration.clients import STYLES, connect
+from tests.integration.clients import STYLES, client
 
 ECHO = "/test.Echo/"
 METADATA = [("x-echo-a", "1"), ("x-echo-b", "two"), ("x-echo-a", "3"),
@@ -27,8 +27,7 @@ async def test_unknown_methods_of_all_four_shapes_pass_byte_for_byte(style: str)
     payload = os.urandom(1 << 20)
     async with running_replicas(1) as replicas, running_gateway(
             [r.address for r in replicas]) as gw:
-        t = await connect(style, gateway_port(gw))
-        try:
+        async with client(style, gateway_port(gw)) as t:
             assert await t.unary(ECHO + "Unary", payload, METADATA) == payload
             streamed = [m async for m in t.server_stream(ECHO + "ServerStream", payload[:5000],
                                                          METADATA)]
@@ -46,8 +45,6 @@ async def test_unknown_methods_of_all_four_shapes_pass_byte_for_byte(style: str)
                 assert await call.recv() == part
             await call.done_writing()
             assert await call.recv() is None
-        finally:
-            await t.close()
     for rec in replicas[0].records:
         if rec.method.startswith(ECHO):
             # Repeated keys stay separate values in their order (gRPC keeps no order across
@@ -60,12 +57,9 @@ async def test_unknown_methods_of_all_four_shapes_pass_byte_for_byte(style: str)
 async def test_error_trailers_of_tens_of_kb_arrive_intact(style: str) -> None:
     async with running_replicas(1) as replicas, running_gateway(
             [r.address for r in replicas]) as gw:
-        t = await connect(style, gateway_port(gw))
-        try:
+        async with client(style, gateway_port(gw)) as t:
             with pytest.raises(RpcError) as err:
                 await t.unary(ECHO + "Error", (60 * 1024).to_bytes(4, "big"), METADATA)
-        finally:
-            await t.close()
     assert err.value.code == 9
     assert err.value.details == "deliberate failure"
     trailers = dict(err.value.trailers)
@@ -77,12 +71,9 @@ async def test_client_cancel_reaches_the_replica(style: str) -> None:
     # No deadline on the call: only the client's RST_STREAM can end it on the replica.
     async with running_replicas(1) as replicas, running_gateway(
             [r.address for r in replicas]) as gw:
-        t = await connect(style, gateway_port(gw))
-        try:
+        async with client(style, gateway_port(gw)) as t:
             call = asyncio.create_task(t.unary(ECHO + "Hang", b"x"))
             await replicas[0].wait_for(lambda: replicas[0].inflight()[ECHO + "Hang"] == 1, 5)
             call.cancel()
             record = await replicas[0].wait_cancelled(ECHO + "Hang", timeout=5)
-        finally:
-            await t.close()
     assert record.outcome == "cancelled"

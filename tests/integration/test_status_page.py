@@ -5,7 +5,8 @@ three wait. Two quick builds finish first, for the recent-builds table. Chromium
 (its script fetches /api/status), and the DOM it dumps after the script ran must show every
 replica with its state, the running builds, the queue and the recent builds; one build's Ref
 is markup, which must come out as text. A screenshot goes to $STATUS_SCREENSHOT (default: a
-tmp path). Skipped only when no Chromium is installed.
+tmp path). Skipped when Chromium is not installed (failed instead under CI's
+BUILDKIT_GATEWAY_REQUIRE_TOOLS).
 """
 
 from __future__ import annotations
@@ -13,29 +14,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
-from collections.abc import Callable
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
 from gateway.app import Gateway
-from tests.conftest import gateway_port, running_gateway, running_replicas
+from tests.conftest import gateway_port, require_tool, running_gateway, running_replicas
 from tests.fakes import buildflow
 from tests.fakes.ids import new_id
-from tests.fakes.transport import Transport
-from tests.integration.clients import connect
-
-CHROMIUM = next((p for p in (shutil.which("chromium"), "/usr/bin/chromium",
-                             shutil.which("chromium-browser"), shutil.which("google-chrome"))
-                 if p and os.access(p, os.X_OK)), None)
-pytestmark = [
-    pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed "
-                       "(apt-get install chromium)"),
-    pytest.mark.timeout(120),
-]
+from tests.integration.clients import client
+from tests.integration.test_admission import QueueWatch
 
 EVIL_REF = '<img src=x onerror="alert(1)">&amp;'
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -44,13 +34,14 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 
 class Dom(HTMLParser):
-    """The rendered page as tags, text and table rows (each row: its cells' text)."""
+    """The rendered page: its tags, its text (also by element id) and its tables (rows of
+    cells' text, the header row first)."""
 
     def __init__(self, html: str) -> None:
         super().__init__(convert_charrefs=True)
         self.tags: set[str] = set()
         self.text: list[str] = []
-        self.rows: list[list[str]] = []
+        self.tables: list[list[list[str]]] = []
         self._ids: list[str | None] = []
         self.by_id: dict[str, list[str]] = {}
         self._row: list[str] | None = None
@@ -60,7 +51,9 @@ class Dom(HTMLParser):
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self.tags.add(tag)
-        if tag == "tr":
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
             self._row = []
         elif tag in ("td", "th") and self._row is not None:
             self._cell = []
@@ -75,7 +68,7 @@ class Dom(HTMLParser):
             self._row.append(" ".join("".join(self._cell).split()))
             self._cell = None
         elif tag == "tr" and self._row is not None:
-            self.rows.append(self._row)
+            self.tables[-1].append(self._row)
             self._row = None
         if self._ids and tag not in ("br", "img", "meta", "input", "hr", "link"):
             self._ids.pop()
@@ -91,25 +84,27 @@ class Dom(HTMLParser):
     def text_of(self, ident: str) -> str:
         return " ".join("".join(self.by_id.get(ident, [])).split())
 
-    def row(self, first: str) -> list[str]:
-        """The table row whose first cell starts with `first`."""
-        found = [r for r in self.rows if r and r[0].startswith(first)]
-        assert len(found) == 1, (first, self.rows)
+    def table(self, header: str) -> list[list[str]]:
+        """The body rows of every table whose first column is headed `header`."""
+        return [row for t in self.tables if t and t[0][:1] == [header] for row in t[1:]]
+
+    def row(self, header: str, first: str) -> list[str]:
+        """The row of such a table whose first cell's first word is `first`."""
+        found = [r for r in self.table(header) if r and r[0].split(" ")[0] == first]
+        assert len(found) == 1, (first, self.tables)
         return found[0]
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.05)
+def short(ref: str) -> str:
+    """A Ref as the page shows it."""
+    return ref if len(ref) <= 14 else ref[:12] + "\u2026"
 
 
-async def chromium(url: str, tmp: Path, name: str, *args: str) -> bytes:
+async def chromium(exe: str, url: str, tmp: Path, name: str, *args: str) -> bytes:
     """Runs headless Chromium (own session, so a hung browser can be killed) without
     blocking the event loop the gateway runs in; returns its stdout."""
-    assert CHROMIUM is not None
     proc = await asyncio.create_subprocess_exec(
-        CHROMIUM, *FLAGS, f"--user-data-dir={tmp / ('profile-' + name)}", *args, url,
+        exe, *FLAGS, f"--user-data-dir={tmp / ('profile-' + name)}", *args, url,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE, start_new_session=True)
     try:
@@ -129,54 +124,62 @@ def replica_states(gw: Gateway) -> dict[str, tuple[bool, bool]]:
     return {r.id: (r.ready, r.ejected) for r in gw.hub.registry.snapshot.replicas}
 
 
-async def test_status_page_renders_replicas_queue_and_recent_builds(tmp_path: Path) -> None:
+@pytest.fixture
+def screenshot(tmp_path: Path) -> Path:
+    """$STATUS_SCREENSHOT, else a tmp path; no file there yet."""
     shot = Path(os.environ.get("STATUS_SCREENSHOT") or tmp_path / "status.png")
     shot.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        shot.unlink()
-    conns: list[Transport] = []
+    shot.unlink(missing_ok=True)
+    return shot
+
+
+async def test_status_page_renders_replicas_queue_and_recent_builds(
+        tmp_path: Path, screenshot: Path) -> None:
+    exe = require_tool("chromium")
     tasks: list[asyncio.Task[buildflow.BuildOutcome]] = []
     async with running_replicas(3) as replicas, running_gateway(
-            [r.address for r in replicas], "--max-builds", "1") as gw:
+            [r.address for r in replicas], "--max-builds", "1") as gw, \
+            contextlib.AsyncExitStack() as clients:
         hub = gw.hub
-        assert hub is not None
+        assert hub is not None and gw.admin is not None
+        watch = QueueWatch(gw)  # wakes on queue and ledger changes
+        hub.registry.subscribe(lambda _snap: watch.changed.set())  # and on replica states
         port, admin = gateway_port(gw), gw.admin.port
         ids = [r.address for r in replicas]
         try:
-            await until(lambda: all(ready for ready, _ in replica_states(gw).values()))
+            await watch.until(lambda: all(ready for ready, _ in replica_states(gw).values()))
             # two quick builds finish first: the recent-builds table
             for r in replicas:
                 r.solve_delay = 0.2
-            conns += [await connect("grpc-go", port) for _ in range(2)]
+            quick = [await clients.enter_async_context(client("grpc-go", port))
+                     for _ in range(2)]
             done = await asyncio.gather(*(
                 buildflow.build(t, context_dir=f"/src/done{i}", node_id=new_id())
-                for i, t in enumerate(conns)))
+                for i, t in enumerate(quick)))
             assert all(o.ok for o in done), [o.error for o in done]
             # one replica goes away: it shows as not ready (or ejected)
             await replicas[2].stop(grace=0)
-            await until(lambda: replica_states(gw)[ids[2]] != (True, False))
+            await watch.until(lambda: replica_states(gw)[ids[2]] != (True, False))
             # five long builds on two replicas of one slot each: two run, three wait
             for r in replicas[:2]:
                 r.solve_delay = 60
             refs = [EVIL_REF] + [new_id() for _ in range(4)]
             for i, ref in enumerate(refs):
-                t = await connect("grpc-go", port)
-                conns.append(t)
+                t = await clients.enter_async_context(client("grpc-go", port))
                 tasks.append(asyncio.create_task(buildflow.build(
                     t, context_dir=f"/src/p{i}", node_id=new_id(), ref=ref, timeout=90)))
-            await until(lambda: (len([b for b in hub.ledger.active() if not b.internal]) == 2
-                                 and hub.queued() == 3))
+            await watch.until(lambda: (
+                len([b for b in hub.ledger.active() if not b.internal]) == 2
+                and hub.queued() == 3))
 
             url = f"http://127.0.0.1:{admin}/status"
             dumped, _ = await asyncio.gather(
-                chromium(url, tmp_path, "dom", "--dump-dom"),
-                chromium(url, tmp_path, "shot", f"--screenshot={shot}",
+                chromium(exe, url, tmp_path, "dom", "--dump-dom"),
+                chromium(exe, url, tmp_path, "shot", f"--screenshot={screenshot}",
                          "--window-size=1280,900"))
-        finally:
+        finally:  # the long builds end now (their connections close after this)
             for task in tasks:
                 task.cancel()
-            for t in conns:
-                await t.close()  # ends their builds on the gateway and the replicas
             if tasks:
                 await asyncio.wait(tasks, timeout=5)
 
@@ -187,38 +190,39 @@ async def test_status_page_renders_replicas_queue_and_recent_builds(tmp_path: Pa
     assert dom.text_of("updated").startswith("updated "), dom.text_of("updated")
     assert dom.text_of("notice") == ""
     assert dom.text_of("state") == "ready"
-    assert dom.text_of("version") not in ("", "–", "?")
-    assert "2/3 replicas ready" in text and "2 builds running" in text, text
+    assert dom.text_of("version") not in ("", "\u2013", "?")
+    assert dom.text_of("pool-default") == "Pool default"
+    assert "2/3 replicas ready" in text and "2 running, 0 free slots" in text, text
     assert "3 waiting" in text, text
     # every replica, with its state, reason and load
     for rid in ids[:2]:
-        row = dom.row(rid)
+        row = dom.row("Replica", rid)
         assert row[1] == "ready", row
         assert row[3].startswith("1 / 1"), row
-    down = dom.row(ids[2])
+    down = dom.row("Replica", ids[2])
     assert down[1] in ("not ready", "ejected"), down
     assert down[2], down  # the reason
     assert down[3].startswith("0 / 1"), down
     # the queue: positions 1..3, each waiting for any replica
-    queue = [r for r in dom.rows if r and r[0][:1].isdigit()]
+    queue = dom.table("Position")
     assert [r[0] for r in queue] == ["1 (next)", "2", "3"], queue
     assert all(r[2].startswith("waiting ") and r[3] == "any replica" for r in queue), queue
     # running and waiting builds are listed by their shortened Ref
-    shown = " ".join(dom.row(rid)[4] for rid in ids[:2]) + " " + " ".join(r[1] for r in queue)
+    shown = " ".join([*(dom.row("Replica", rid)[4] for rid in ids[:2]), *(r[1] for r in queue)])
     for ref in refs:
-        assert (ref if len(ref) <= 14 else ref[:12] + "…") in shown, (ref, shown)
+        assert short(ref) in shown, (ref, shown)
     # markup in a Ref is text, never an element
     assert "img" not in dom.tags
     # the recent builds: both quick ones, ok, with their replica and a duration
     for o in done:
-        row = dom.row(o.ref[:12])
-        assert row[1] == "default" or row[1] != "", row
+        row = dom.row("Build", short(o.ref))
+        assert row[1] == "default", row
         assert row[2] in ids, row
         assert row[3].endswith(" s"), row
         assert row[4] == "ok", row
     # the screenshot
-    data = shot.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n", shot
+    data = await asyncio.to_thread(screenshot.read_bytes)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", screenshot
     assert 20_000 < len(data) < 5_000_000, len(data)
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert (width, height) == (1280, 900), (width, height)

@@ -110,19 +110,24 @@ class Metrics:
             PREFIX + "builds_started", "Builds placed on a replica.",
             ["pool", "replica", "internal"], registry=registry)
         self.builds_finished = Counter(
-            PREFIX + "builds_finished", "Builds ended, by result (ok, a gRPC code name, "
-            "cancelled, replica_lost).", ["pool", "replica", "result", "internal"],
-            registry=registry)
+            PREFIX + "builds_finished", "Builds ended, by result: ok; cancelled (by the client "
+            "or the replica); replica_lost, replica_reset, refused; else the lower-case gRPC "
+            "code of the Solve (BuildKit reports build errors as unknown).",
+            ["pool", "replica", "result", "internal"], registry=registry)
         self.build_duration = Histogram(
             PREFIX + "build_duration_seconds", "Time from placement to the end of the Solve, "
             "non-internal builds.", ["pool", "result"], buckets=BUILD_SECONDS, registry=registry)
         self.queue_wait = Histogram(
-            PREFIX + "queue_wait_seconds", "Time builds waited for a replica, by how the wait "
-            "ended (admitted, timeout, full, cancelled, shutdown).", ["pool", "outcome"],
+            PREFIX + "queue_wait_seconds", "Time builds waited in the queue, by how the wait "
+            "ended (admitted, timeout, cancelled, shutdown).", ["pool", "outcome"],
             buckets=WAIT_SECONDS, registry=registry)
+        self.queue_full = Counter(
+            PREFIX + "queue_full", "Builds refused because the queue was at --max-queue.",
+            ["pool"], registry=registry)
         self.placements = Counter(
-            PREFIX + "placements", "Placement decisions by policy and outcome (primary, spill, "
-            "random, bound, queued).", ["pool", "policy", "outcome"], registry=registry)
+            PREFIX + "placements", "Placement decisions of non-internal builds by policy and "
+            "outcome (primary, spill, random, bound; queued: it waits, and counts again when "
+            "placed).", ["pool", "policy", "outcome"], registry=registry)
         self.client_connections = Counter(
             PREFIX + "client_connections_accepted", "Client connections accepted.",
             registry=registry)

@@ -87,7 +87,7 @@ def gauges(hub: Hub) -> State:
     """The state the Prometheus gauges show."""
     snap = hub.registry.snapshot
     pool_of = {r.id: r.pool for r in snap.replicas}
-    active: dict[tuple[str, str, bool], int] = {}
+    active = {(r.pool, r.id, internal): 0 for r in snap.replicas for internal in (False, True)}
     for rec in hub.ledger.active():
         key = (pool_of.get(rec.replica, ""), rec.replica, rec.internal)
         active[key] = active.get(key, 0) + 1

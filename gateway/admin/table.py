@@ -47,13 +47,13 @@ def render(doc: dict[str, Any]) -> str:
             rows = [["POSITION", "REF", "WAITING", "FOR"]]
             rows += [[str(w["position"]), w["ref"], f"{w['age_s']:.1f}s", w["target"] or "any"]
                      for w in pool["queue"]]
-            lines += [""] + _table(rows)
+            lines += ["", *_table(rows)]
     recent = doc["recent_builds"]
     if recent:
         rows = [["RECENT BUILD", "POOL", "REPLICA", "DURATION", "RESULT"]]
         rows += [[b["ref"] + (" (internal)" if b["internal"] else ""), b["pool"], b["replica"],
                   f"{b['duration_s']:.1f}s", b["result"] or ""] for b in recent[:20]]
-        lines += [""] + _table(rows)
+        lines += ["", *_table(rows)]
     return "\n".join(lines) + "\n"
 
 

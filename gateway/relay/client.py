@@ -159,7 +159,8 @@ class ClientConn(H2Conn):
         build of the connection is left, and the connection closes when its calls are done.
         """
         self.draining = True
-        for stream in list(self._tickets):
+        for stream, ticket in list(self._tickets.items()):
+            self.hub.dequeue(self.pool, ticket, outcome="shutdown")
             self.rejected(stream, errors.ShuttingDown(
                 "the gateway is shutting down; this build had not started yet"))
         self._maybe_goaway()

@@ -189,7 +189,7 @@ class Hub:
 
     def enqueue(self, pool: str, waiter: Waiter) -> bool:
         if not self.pools[pool].queue.offer(waiter, self.now()):
-            self.metrics.queue_wait.labels(pool, "full").observe(0)
+            self.metrics.queue_full.labels(pool).inc()
             return False
         self.metrics.placements.labels(pool, self.pools[pool].settings.loadbalance,
                                        "queued").inc()
@@ -312,7 +312,9 @@ class Hub:
     def build_placed(self, placed: Placed, call: Call | None) -> None:
         started = self.ledger.start(placed.ref, placed.replica, internal=placed.internal,
                                     now=self.now())
-        if started and call is not None:  # a duplicate fails on the replica ("job ID exists")
+        if not started:  # a duplicate: the replica answers "job ID exists"
+            return
+        if call is not None:
             call.build = (placed.ref, placed.replica)
         pool = self.pool_of(placed.replica)
         self.metrics.builds_started.labels(pool, placed.replica,

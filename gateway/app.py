@@ -137,12 +137,12 @@ class Gateway:
 
     async def _shutdown(self, hub: Hub, servers: list[asyncio.Server],
                         control: ControlServer) -> None:
-        log.info("gateway stopping", extra={"clients": len(hub.clients),
-                                            "queued": hub.queued()})
         # 1. Readiness off (/readyz answers 503), no more connections.
         hub.draining = True
         for server in servers:
             server.close()
+        log.info("gateway stopping", extra={"clients": len(hub.clients),
+                                            "queued": hub.queued()})
         # 2. No new builds: queued ones get UNAVAILABLE, running ones may finish, and each
         #    connection gets GOAWAY once its builds are done.
         for conn in list(hub.clients):

@@ -181,6 +181,7 @@ class ClientConn(H2Conn):
             return
         try:
             self.transport.write_eof()
+            self.eof_sent = True
         except OSError:  # the client is already gone
             self.abort()
             return

@@ -54,6 +54,7 @@ class H2Conn(asyncio.Protocol):
         self.out: list[Chunk] = []
         self.dirty = False
         self.closed = False
+        self.eof_sent = False  # our side is shut (FIN sent): nothing more can be written
         self.peer_max_frame = fr.DEFAULT_MAX_FRAME_SIZE
         self.peer_max_streams = 2**31
         self.goaway_received = False
@@ -79,7 +80,7 @@ class H2Conn(asyncio.Protocol):
     def flush(self) -> None:
         if self.out:
             out, self.out = self.out, []
-            if self.transport is not None and not self.closed:
+            if self.transport is not None and not self.closed and not self.eof_sent:
                 self.transport.writelines(out)
 
     def send(self, data: bytes) -> None:

@@ -37,8 +37,8 @@ class QueueWatch:
             self.changed.set()
             return ok
 
-        def on_dequeue(pool, ticket):  # type: ignore[no-untyped-def]
-            dequeue(pool, ticket)
+        def on_dequeue(pool, ticket, **kw):  # type: ignore[no-untyped-def]
+            dequeue(pool, ticket, **kw)
             self.changed.set()
 
         def on_start(ref, replica, *, internal, now):  # type: ignore[no-untyped-def]

@@ -20,12 +20,15 @@ import sys
 import time
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gateway import config
 from gateway.builds.ledger import Ledger
 from gateway.h2 import frames as fr
 from gateway.h2.headers import encode
+from gateway.metrics import Metrics
 from gateway.relay.backend import BackendConn, Upstream
 from gateway.relay.client import ClientConn
 from gateway.relay.hub import Hub
@@ -60,7 +63,9 @@ async def main() -> None:
     hub = Hub(relay=settings.relay, routing=settings.routing, pools=settings.pools,
               registry=registry, ledger=Ledger(),
               control=config.Endpoint("unix", path="/nonexistent"),
-              spawn=lambda coro, name: coro.close())
+              spawn=lambda coro, name: coro.close(),
+              metrics=Metrics(CollectorRegistry(), version="bench"),
+              eject=lambda replica, reason: None)
     upstream = Upstream(hub, "r", config.parse_endpoint("tcp://127.0.0.1:9"), settings.relay)
     hub.upstreams["r"] = upstream
     backend = BackendConn(upstream)

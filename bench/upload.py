@@ -781,7 +781,10 @@ async def start_gateway(leg: Leg, args: argparse.Namespace, tmp: Path, sink_port
     ]
     leg.note = " ".join(shlex.quote(a) for a in argv)
     try:
-        leg.proc = Proc("buildkit-gateway", argv, tmp / f"{leg.name}.log")
+        # Each gateway's admin server on a free port (two gateways run side by side); an
+        # environment variable, which gateways without an admin server ignore.
+        env = {**os.environ, "BUILDKIT_GATEWAY_ADMIN_LISTEN": "127.0.0.1:0"}
+        leg.proc = Proc("buildkit-gateway", argv, tmp / f"{leg.name}.log", env=env)
     except OSError as e:
         leg.skipped = f"cannot start {argv[0]}: {e}"
         return

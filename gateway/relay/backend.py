@@ -25,6 +25,7 @@ from gateway import errors
 from gateway.config import Endpoint, RelaySettings
 from gateway.h2 import frames as fr
 from gateway.h2.headers import Headers, encode, get
+from gateway.metrics import DOWNSTREAM
 from gateway.relay.call import Call
 from gateway.relay.conn import H2Conn, flush_dirty
 
@@ -41,7 +42,7 @@ class BackendConn(H2Conn):
 
     def __init__(self, upstream: Upstream) -> None:
         super().__init__(upstream.relay, name=f"replica {upstream.replica_id}")
-        self.rx_bytes = upstream.hub.metrics.downstream
+        self.rx_bytes, self.rx_index = upstream.hub.metrics.relayed, DOWNSTREAM
         self.errors = upstream.hub.metrics.http2_errors
         self.upstream = upstream
         self.calls: dict[int, Call] = {}

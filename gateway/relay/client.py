@@ -26,6 +26,7 @@ from gateway.admission.queue import Waiter
 from gateway.buildkit import wire
 from gateway.h2 import frames as fr
 from gateway.h2.headers import Headers, encode, get, get_all
+from gateway.metrics import UPSTREAM
 from gateway.relay.call import Call
 from gateway.relay.conn import H2Conn, flush_dirty
 from gateway.routing.pick import Outcome
@@ -63,7 +64,7 @@ class ClientConn(H2Conn):
 
     def __init__(self, hub: Hub, *, listener: str) -> None:
         super().__init__(hub.relay, name="client")
-        self.rx_bytes = hub.metrics.upstream
+        self.rx_bytes, self.rx_index = hub.metrics.relayed, UPSTREAM
         self.errors = hub.metrics.http2_errors
         self.hub = hub
         self.listener = listener

@@ -41,7 +41,8 @@ class H2Conn(asyncio.Protocol):
     """Per-hop HTTP/2 machinery shared by both sides of the relay."""
 
     role = "?"
-    rx_bytes: Any  # a Counter child: bytes read on this hop
+    rx_bytes: list[int]  # Metrics.relayed: bytes read per hop, indexed by `rx_index`
+    rx_index: int
     errors: Any  # the Counter of HTTP/2 protocol errors, by peer and kind
 
     def __init__(self, relay: RelaySettings, *, name: str) -> None:
@@ -147,7 +148,7 @@ class H2Conn(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes | memoryview) -> None:
-        self.rx_bytes.inc(len(data))
+        self.rx_bytes[self.rx_index] += len(data)
         try:
             self.process(data)
         except fr.ProtocolError as exc:

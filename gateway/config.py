@@ -129,7 +129,8 @@ class RelaySettings:
     stream_window: int
     """Flow-control window the gateway grants each client stream (bytes)."""
     connection_window: int
-    """Connection window granted to clients and replicas; caps bytes buffered per connection."""
+    """Connection window granted to each client: caps what one client makes the gateway buffer.
+    Replica connections, shared by many builds, get the largest window (2^31-1)."""
     max_header_list: int
     """Largest decoded header list accepted (error trailers carry stack traces)."""
     max_client_streams: int
@@ -280,7 +281,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("--stream-window", "flow-control window granted per client stream, bytes; at least "
            "16 MiB + 5 so that a held request message of BuildKit's maximum size fits",
            17 << 20, _stream_window),
-    Option("--connection-window", "flow-control window per connection, bytes (caps buffering)",
+    Option("--connection-window", "flow-control window per client connection, bytes (caps "
+           "what one client makes the gateway buffer)",
            256 << 20, _positive_int),
     Option("--max-header-list", "largest header list accepted, bytes", 16 << 20, _positive_int),
     Option("--max-client-streams", "concurrent streams allowed per client connection", 1000,

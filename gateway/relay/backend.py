@@ -41,7 +41,11 @@ class BackendConn(H2Conn):
     role = "replica"
 
     def __init__(self, upstream: Upstream) -> None:
-        super().__init__(upstream.relay, name=f"replica {upstream.replica_id}")
+        # A replica connection is shared by many clients' builds: its connection window is
+        # the largest there is, so streams stalled by slow clients (each bounded by its own
+        # stream window) cannot starve the others of connection credit.
+        super().__init__(upstream.relay, name=f"replica {upstream.replica_id}",
+                         connection_window=fr.MAX_WINDOW)
         self.rx_bytes, self.rx_index = upstream.hub.metrics.relayed, DOWNSTREAM
         self.errors = upstream.hub.metrics.http2_errors
         self.upstream = upstream

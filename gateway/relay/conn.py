@@ -45,7 +45,8 @@ class H2Conn(asyncio.Protocol):
     rx_index: int
     errors: Any  # the Counter of HTTP/2 protocol errors, by peer and kind
 
-    def __init__(self, relay: RelaySettings, *, name: str) -> None:
+    def __init__(self, relay: RelaySettings, *, name: str,
+                 connection_window: int | None = None) -> None:
         self.relay = relay
         self.name = name
         self.transport: asyncio.Transport | None = None
@@ -62,9 +63,9 @@ class H2Conn(asyncio.Protocol):
         self.remote_settings_seen = asyncio.get_running_loop().create_future()
         # receive side
         self._stream_window = relay.stream_window
-        self._conn_window = relay.connection_window
+        self._conn_window = connection_window or relay.connection_window
         self._stream_credit_at = min(relay.stream_window // 4, 1 << 20)
-        self._conn_credit_at = min(relay.connection_window // 4, 1 << 20)
+        self._conn_credit_at = min(self._conn_window // 4, 1 << 20)
         self._pending_conn_credit = 0
         self._pending_stream_credit: dict[int, int] = {}
         self._outstanding = 0  # DATA bytes received and not yet credited back

@@ -174,6 +174,16 @@ def decode_ref(buf: bytes, *, field: int = 1) -> str:
     return ""
 
 
+def message_size(prefix: bytes) -> int:
+    """The length in a 5-byte gRPC message prefix (checked like `first_message`)."""
+    flag, size = GRPC_PREFIX.unpack_from(prefix)
+    if flag:
+        raise DecodeError("compressed request message (grpc-encoding) is not supported")
+    if size > MAX_MESSAGE:
+        raise DecodeError(f"request message of {size} bytes exceeds {MAX_MESSAGE}")
+    return int(size)
+
+
 def first_message(buf: bytes | bytearray) -> bytes | None:
     """The first gRPC message in `buf` once complete, else None. Compressed ones raise."""
     if len(buf) < 5:

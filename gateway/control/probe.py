@@ -78,7 +78,11 @@ class Prober:
 
     async def probe_all(self) -> None:
         replicas = self.registry.snapshot.replicas
-        await asyncio.gather(*(self._probe(r) for r in replicas))
+        for replica, result in zip(replicas, await asyncio.gather(
+                *(self._probe(r) for r in replicas), return_exceptions=True), strict=True):
+            if isinstance(result, Exception):  # a bug, not a replica's answer: log, go on
+                log.error("probe failed unexpectedly", extra={"replica": replica.id,
+                                                              "error": repr(result)})
         await self.channels.retain(r.address for r in self.registry.snapshot.replicas)
 
     async def _probe(self, replica: Replica) -> None:

@@ -172,6 +172,9 @@ class ControlServer:
             except grpc.aio.AioRpcError as exc:
                 log.warning("fan-out call failed", extra={"replica": rid, "method": method,
                                                           "error": exc.details()})
+            except Exception as exc:
+                log.warning("fan-out call failed", extra={"replica": rid, "method": method,
+                                                          "error": repr(exc)})
             finally:
                 await queue.put(None)
 
@@ -240,6 +243,8 @@ class ControlServer:
                 yield message
         except grpc.aio.AioRpcError as exc:
             await context.abort(exc.code(), exc.details() or "")
+        finally:
+            call.cancel()  # the client left first: so does the owner's stream
 
 
 def _raw(data: bytes) -> bytes:

@@ -91,6 +91,8 @@ class BackendConn(H2Conn):
             dropped = self.sched.close(call.bsid)
             if dropped and not call.client.closed:
                 call.client.credit(0, dropped)  # queued upload bytes never sent: return them
+            if not self.usable and not self.calls:  # after the replica's GOAWAY: done
+                self.close()
             self.upstream.room_freed()
 
     # ---- frames from the replica -----------------------------------------------------------
@@ -136,10 +138,11 @@ class BackendConn(H2Conn):
         if call.capture is not None:
             call.capture.append(bytes(payload))
         n = client.sched.data(call.csid, payload, bool(end), client.out)
-        client.mark()
+        if not client.dirty:
+            client.mark()
         if n < 0:
             self.credit(0, flow_len)
-        else:
+        elif n or flow_len != len(payload):
             self.credit(sid, flow_len - len(payload) + n)
         if end:
             call.b_in_done = True

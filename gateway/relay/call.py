@@ -34,9 +34,11 @@ class Call:
         "csid",
         "drop_resp_headers",
         "first_decoded",
+        "first_size",
         "headers",
         "held",
         "held_bytes",
+        "held_payload",
         "klass",
         "path",
         "replica",
@@ -62,7 +64,9 @@ class Call:
         self.replica: str | None = None
         self.build: tuple[str, str] | None = None  # (ref, replica) of a placed Solve
         self.held: list[tuple[Chunk, bool, int]] | None = []  # (payload, end, flow_len)
-        self.held_bytes = 0
+        self.held_bytes = 0  # flow-controlled bytes held (credit owed to the client)
+        self.held_payload = 0  # payload bytes held
+        self.first_size = 5  # bytes the first request message needs (prefix, then 5 + size)
         self.waiting = True  # no routing decision yet
         self.c_in_done = False  # client sent END_STREAM or the stream was reset
         self.c_out_done = False  # END_STREAM or RST_STREAM written to the client
@@ -78,6 +82,7 @@ class Call:
         self.solve_ref = ""  # a Solve's Ref, once decoded
         self.vertex_ref = ""  # the Ref whose wait this Status call shows
 
-    def held_message(self) -> bytes:
-        """The bytes held so far (for decoding the first request message)."""
-        return b"".join(bytes(p) for p, _e, _n in self.held or ())
+    def held_message(self, limit: int | None = None) -> bytes:
+        """The bytes held so far, or their first `limit` (to decode the first message)."""
+        data = b"".join(bytes(p) for p, _e, _n in self.held or ())
+        return data if limit is None else data[:limit]

@@ -96,6 +96,8 @@ class ClientConn(H2Conn):
             self.name = f"client {self.listener}"
         self.hub.client_opened(self)
         self.send_preface()
+        if self.hub.draining:  # accepted just as the gateway began to stop
+            self.drain()
         flush_dirty()
 
     def local_settings(self) -> list[tuple[int, int]]:
@@ -160,12 +162,20 @@ class ClientConn(H2Conn):
         build of the connection is left, and the connection closes when its calls are done.
         """
         self.draining = True
-        for stream, ticket in list(self._tickets.items()):
-            self.hub.dequeue(self.pool, ticket, outcome="shutdown")
-            self.rejected(stream, errors.ShuttingDown(
-                "the gateway is shutting down; this build had not started yet"))
+        self._refuse_waiting()
         self._maybe_goaway()
         flush_dirty()
+
+    def _refuse_waiting(self) -> None:
+        """While stopping: every call of a build not placed yet (queued, pending, or held
+        waiting for its Solve) gets UNAVAILABLE; calls of running builds are never waiting."""
+        for call in list(self.calls.values()):
+            if call.waiting and call.klass is not wire.CallClass.CONTROL:
+                ticket = self._tickets.pop(call.csid, None)
+                if ticket is not None:
+                    self.hub.dequeue(self.pool, ticket, outcome="shutdown")
+                self.end_with_error(call, errors.ShuttingDown(
+                    "the gateway is shutting down; this build had not started yet"))
 
     def finish(self) -> None:
         """Closes a connection that has no calls left, without losing what is in flight.
@@ -287,6 +297,7 @@ class ClientConn(H2Conn):
             return
         call.held.append((payload, end, flow_len))
         call.held_bytes += flow_len
+        call.held_payload += len(payload)
         if call.waiting and call.klass in _FIRST_MESSAGE:
             self._try_first_message(call)
 
@@ -294,8 +305,14 @@ class ClientConn(H2Conn):
         if not call.waiting or call.held is None or call.first_decoded:
             return
         try:
+            if call.held_payload < call.first_size:  # wait for the rest without re-joining
+                if call.c_in_done:
+                    raise wire.DecodeError("request ended before its first message")
+                return
             message = wire.first_message(call.held_message())
             if message is None:
+                if call.held_payload >= 5:  # the prefix is in: wait for 5 + size bytes
+                    call.first_size = 5 + wire.message_size(call.held_message(5))
                 if call.c_in_done:
                     raise wire.DecodeError("request ended before its first message")
                 return
@@ -331,7 +348,6 @@ class ClientConn(H2Conn):
         self.forget_credit(sid)
         if call is None:
             return
-        self.hub.stream_closed(call)
         call.c_in_done = call.c_out_done = True
         dropped = self.sched.close(sid)
         if dropped and call.backend is not None:
@@ -339,8 +355,7 @@ class ClientConn(H2Conn):
         self._forget(call)
         self._drop_held(call)
         self._abort_backend(call, code if code != fr.NO_ERROR else fr.CANCEL, result="cancelled")
-        if not self.accepting and not self.calls:
-            self.finish()
+        self._closed_out(call)
 
     def on_sent(self, sid: int, n: int) -> None:
         call = self.calls.get(sid)
@@ -384,6 +399,8 @@ class ClientConn(H2Conn):
                     method = call.path.rsplit("/", 1)[-1]
                     self.end_with_error(call, errors.NotFound(
                         f"forwarding {method}: no such job {d.ref}"))
+        if self.draining:
+            self._refuse_waiting()
         self._reschedule()
 
     def _route(self, call: Call, replica: str) -> None:
@@ -392,8 +409,9 @@ class ClientConn(H2Conn):
         if call.vertex is not None:  # the wait is over: close the gateway's vertex
             self._send_vertex(call, done=True)
             call.drop_resp_headers = True
-        if replica == self.hub.control_id:
-            call.headers = [*call.headers, (POOL_HEADER, self.pool.encode())]
+        if replica == self.hub.control_id:  # the pool is the gateway's word, not the client's
+            call.headers = [*(h for h in call.headers if h[0] != POOL_HEADER),
+                            (POOL_HEADER, self.pool.encode())]
         elif call.path.endswith("/Ping") and call.klass is wire.CallClass.LLB:
             if self.hub.pools[self.pool].pong is None:
                 call.capture = []
@@ -402,6 +420,10 @@ class ClientConn(H2Conn):
     # ---- admission: queued builds and the wait they show ----------------------------------
 
     def _enqueue(self, d: Enqueue) -> None:
+        if self.draining:
+            self.rejected(d.stream, errors.ShuttingDown(
+                "the gateway is shutting down and takes no new builds"))
+            return
         waiter = Waiter(d.ref, d.internal, d.key, d.target, 0.0, 0.0, handle=(self, d.stream))
         if self.hub.enqueue(self.pool, waiter):
             self._tickets[d.stream] = waiter.ticket
@@ -568,10 +590,16 @@ class ClientConn(H2Conn):
     def release_call(self, call: Call) -> None:
         if call.c_in_done and call.c_out_done and self.calls.get(call.csid) is call:
             del self.calls[call.csid]
-            self.hub.stream_closed(call)
             self.forget_credit(call.csid)
             self.sched.close(call.csid)
-            if not self.accepting and not self.calls:
-                self.finish()
-            elif call.klass is wire.CallClass.SOLVE:
-                self._maybe_goaway()
+            self._closed_out(call)
+
+    def _closed_out(self, call: Call) -> None:
+        """A client stream is gone (both halves done, or reset): the bookkeeping after it."""
+        self.hub.stream_closed(call)
+        if call.build is not None:  # a Solve that ended without trailers frees its slot too
+            self.hub.build_finished(call, "unknown")
+        if not self.accepting and not self.calls:
+            self.finish()
+        elif call.klass is wire.CallClass.SOLVE:
+            self._maybe_goaway()

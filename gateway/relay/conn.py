@@ -59,8 +59,6 @@ class H2Conn(asyncio.Protocol):
         self.eof_sent = False  # our side is shut (FIN sent): nothing more can be written
         self.peer_max_frame = fr.DEFAULT_MAX_FRAME_SIZE
         self.peer_max_streams = 2**31
-        self.goaway_received = False
-        self.remote_settings_seen = asyncio.get_running_loop().create_future()
         # receive side
         self._stream_window = relay.stream_window
         self._conn_window = connection_window or relay.connection_window
@@ -224,7 +222,6 @@ class H2Conn(asyncio.Protocol):
                     self.send(fr.ping(bytes(payload), ack=True))
             elif ftype == fr.GOAWAY:
                 last, code, debug = fr.parse_goaway(payload)
-                self.goaway_received = True
                 self.on_goaway(last, code, debug)
             elif ftype == fr.PUSH_PROMISE:
                 raise fr.ProtocolError(fr.PROTOCOL_ERROR, "PUSH_PROMISE is disabled")
@@ -244,8 +241,6 @@ class H2Conn(asyncio.Protocol):
                 raise fr.ProtocolError(fr.PROTOCOL_ERROR, "invalid SETTINGS_ENABLE_PUSH")
         self.out.append(fr.SETTINGS_ACK)
         self.mark()
-        if not self.remote_settings_seen.done():
-            self.remote_settings_seen.set_result(None)
         self.on_settings()
 
     def _headers_done(self, sid: int, flags: int, block: bytes) -> None:

@@ -240,9 +240,9 @@ class Hub:
                 return None
 
             state.queue.admit(place)
-            for waiter in state.queue:
+            for ahead, waiter in enumerate(state.queue):
                 conn, stream = waiter.handle
-                conn.show_wait(stream, state.queue.ahead(waiter.ticket))
+                conn.show_wait(stream, ahead)
         self._arm_queue_timer()
         flush_dirty()
 
@@ -346,10 +346,6 @@ class Hub:
                                             str(record.internal).lower()).inc()
         if not record.internal:
             self.metrics.build_duration.labels(pool, result).observe(record.duration or 0.0)
-
-    def learn_owner(self, ref: str, replica: str) -> None:
-        """The control server found which replica ran a Ref."""
-        self.ledger.learn_owner(ref, replica)
 
     def call_failed(self, call: Call, err: errors.GatewayError) -> None:
         log.info("call failed", extra={"path": call.path, "code": errors.CODE_NAMES[err.code],

@@ -93,7 +93,7 @@ async def test_runs_in_the_foreground_serves_builds_and_exits_0_on_sigterm(tmp_p
 async def test_sigterm_lets_10_builds_finish_refuses_new_connections_and_exits_0() -> None:
     async with running_replicas(2) as replicas:
         for r in replicas:
-            r.solve_delay = 1.5
+            r.solve_delay = 4.0  # all 10 are running at once, even on a busy machine
         port = _free_port()
         proc = await asyncio.create_subprocess_exec(
             *CMD, "--listen", f"tcp://127.0.0.1:{port}", "--admin-listen", "127.0.0.1:0",
@@ -110,9 +110,15 @@ async def test_sigterm_lets_10_builds_finish_refuses_new_connections_and_exits_0
             builds = [asyncio.create_task(buildflow.build(t, context_dir=f"/src/{i}",
                                                           node_id=f"{i:016x}"))
                       for i, t in enumerate(conns)]
-            await replicas[0].wait_for(
-                lambda: sum(len(r.active_builds(include_internal=False)) for r in replicas) == 10,
-                10)
+            def all_running() -> bool:
+                return sum(len(r.active_builds(include_internal=False)) for r in replicas) == 10
+
+            # Each replica re-checks on its own changes: wait for whichever sees it first.
+            waits = [asyncio.create_task(r.wait_for(all_running, 20)) for r in replicas]
+            done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for w in pending:
+                w.cancel()
+            await next(iter(done))
             proc.send_signal(signal.SIGTERM)
             async with asyncio.timeout(20):
                 while b'"msg": "gateway stopping"' not in (line := await proc.stderr.readline()):

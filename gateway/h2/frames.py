@@ -195,6 +195,7 @@ class FrameReader:
         unpack = _HEADER.unpack_from
         max_frame = self._max_frame
         append = frames.append
+        new = tuple.__new__  # a Frame without NamedTuple's slower constructor (hot path)
         while end - pos >= FRAME_HEADER_LEN:
             hi, lo, ftype, flags, sid = unpack(view, pos)
             length = (hi << 8) | lo
@@ -208,7 +209,7 @@ class FrameReader:
             payload = view[pos + FRAME_HEADER_LEN : stop]
             if flags & (FLAG_PADDED | FLAG_PRIORITY) and ftype in (DATA, HEADERS):
                 flags, payload = _strip(ftype, flags, payload)
-            append(Frame(ftype, flags, sid & 0x7FFFFFFF, payload, length))
+            append(new(Frame, (ftype, flags, sid & 0x7FFFFFFF, payload, length)))
             pos = stop
         return pos
 

@@ -176,14 +176,7 @@ class BackendConn(H2Conn):
                 call.rst_after_end = True
             return
         if code == fr.REFUSED_STREAM and not call.resp_headers_sent:
-            if call.build is not None:
-                client.hub.build_finished(call, "refused")
-            dropped = client.sched.close(call.csid)
-            if dropped:
-                self.credit(0, dropped)
-            client.send(fr.rst_stream(call.csid, code))
-            call.c_in_done = call.c_out_done = True
-            client.release_call(call)
+            client.refuse(call)
             return
         client.end_with_error(call, errors.ReplicaReset(
             f"BuildKit replica {self.upstream.replica_id} reset the call "
@@ -213,16 +206,8 @@ class BackendConn(H2Conn):
             if sid > last_sid:  # never processed by the replica: the client may retry
                 call.b_in_done = call.b_out_done = True
                 self.release(call)
-                if call.build is not None:
-                    call.client.hub.build_finished(call, "refused")
-                client = call.client
                 if not call.c_out_done:
-                    dropped = client.sched.close(call.csid)
-                    if dropped:
-                        self.credit(0, dropped)
-                    client.send(fr.rst_stream(call.csid, fr.REFUSED_STREAM))
-                    call.c_in_done = call.c_out_done = True
-                    client.release_call(call)
+                    call.client.refuse(call)
         self.upstream.room_freed()
         if not self.calls:
             self.close()

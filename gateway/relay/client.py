@@ -136,9 +136,7 @@ class ClientConn(H2Conn):
         self._tickets.clear()
         for call in list(self.calls.values()):
             call.c_in_done = call.c_out_done = True
-            dropped = self.sched.close(call.csid)
-            if dropped and call.backend is not None:
-                call.backend.credit(0, dropped)  # the replica's window must not shrink
+            self._drop_out(call)  # the replica's window must not shrink
             self._abort_backend(call, fr.CANCEL, result="cancelled")
             self.hub.stream_closed(call)
         self.calls.clear()
@@ -349,9 +347,7 @@ class ClientConn(H2Conn):
         if call is None:
             return
         call.c_in_done = call.c_out_done = True
-        dropped = self.sched.close(sid)
-        if dropped and call.backend is not None:
-            call.backend.credit(0, dropped)
+        self._drop_out(call)
         self._forget(call)
         self._drop_held(call)
         self._abort_backend(call, code if code != fr.NO_ERROR else fr.CANCEL, result="cancelled")
@@ -553,9 +549,7 @@ class ClientConn(H2Conn):
         call.waiting = False
         self._drop_held(call)
         if not call.c_out_done and not self.closed:
-            dropped = self.sched.close(call.csid)
-            if dropped and call.backend is not None:
-                call.backend.credit(0, dropped)
+            self._drop_out(call)
             block = encode(errors.trailers(err.code, err.message,
                                            headers_sent=call.resp_headers_sent))
             self.out.append(self.send_headers(call.csid, block, end_stream=True))
@@ -565,6 +559,21 @@ class ClientConn(H2Conn):
                 call.c_in_done = True
             self.mark()
         self.hub.call_failed(call, err)
+        self.release_call(call)
+
+    def _drop_out(self, call: Call) -> None:
+        """Drops what waits to be written to the client; the replica gets its credit back."""
+        dropped = self.sched.close(call.csid)
+        if dropped and call.backend is not None:
+            call.backend.credit(0, dropped)
+
+    def refuse(self, call: Call) -> None:
+        """The replica never processed the call: REFUSED_STREAM, which gRPC clients retry."""
+        if call.build is not None:
+            self.hub.build_finished(call, "refused")
+        self._drop_out(call)
+        self.send(fr.rst_stream(call.csid, fr.REFUSED_STREAM))
+        call.c_in_done = call.c_out_done = True
         self.release_call(call)
 
     def _drop_held(self, call: Call) -> None:

@@ -228,9 +228,10 @@ class H2Conn(asyncio.Protocol):
             # PRIORITY and unknown frame types are ignored (RFC 9113 sections 5.5, 6.3).
 
     def _apply_settings(self, values: list[tuple[int, int]]) -> None:
+        window: int | None = None
         for key, value in values:
             if key == fr.SETTINGS_INITIAL_WINDOW_SIZE:
-                self.sched.set_initial_window(value, self.out)
+                window = value
             elif key == fr.SETTINGS_MAX_FRAME_SIZE:
                 if not fr.DEFAULT_MAX_FRAME_SIZE <= value <= 2**24 - 1:
                     raise fr.ProtocolError(fr.PROTOCOL_ERROR, "invalid SETTINGS_MAX_FRAME_SIZE")
@@ -239,7 +240,11 @@ class H2Conn(asyncio.Protocol):
                 self.peer_max_streams = value
             elif key == fr.SETTINGS_ENABLE_PUSH and value > 1:
                 raise fr.ProtocolError(fr.PROTOCOL_ERROR, "invalid SETTINGS_ENABLE_PUSH")
+        # The ACK goes out before any DATA the new window lets through: a peer may hold us to
+        # its previous window until it has seen the ACK (grpc-core resets the stream otherwise).
         self.out.append(fr.SETTINGS_ACK)
+        if window is not None:
+            self.sched.set_initial_window(window, self.out)
         self.mark()
         self.on_settings()
 

@@ -53,7 +53,7 @@ async def test_stop_refuses_builds_still_undecided_behind_a_queued_one() -> None
         replicas[0].solve_delay = 1.0
         watch = QueueWatch(gw)
         port = gateway_port(gw)
-        async with client("grpc-go", port) as busy, client("grpcio", port) as baking:
+        async with client("grpcio", port) as busy, client("grpc-go", port) as baking:
             running = asyncio.create_task(buildflow.build(busy, context_dir="/a", node_id="1"))
             await watch.until(lambda: len(watch.admitted) == 1)
             bake = asyncio.create_task(buildflow.bake(baking, context_dir="/b", node_id="2",

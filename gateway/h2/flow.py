@@ -19,7 +19,7 @@ No I/O: frames are appended to the `out` list the caller flushes.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from gateway.h2.frames import (
     DATA,
@@ -119,6 +119,43 @@ class SendScheduler:
         if len(queue) == 1:  # a longer queue is already blocked: only window changes drain it
             self._drain(sid, st, out)
         return 0
+
+    def data_run(self, sid: int, payloads: Sequence[Chunk], out: list[Chunk]) -> int:
+        """`data()` for consecutive non-final DATA payloads of one stream, in one call.
+
+        Returns the bytes written now (-1: stream not open). What the windows do not take is
+        queued exactly as `data()` would have queued it, frame by frame.
+        """
+        st = self._streams.get(sid)
+        if st is None:
+            return -1
+        written = 0
+        taken = 0
+        if not st.queue:
+            avail = st.window if st.window < self.conn_window else self.conn_window
+            append = out.append
+            pack = _PACK
+            for payload in payloads:
+                n = len(payload)
+                if n > avail:
+                    break
+                append(pack(n >> 8, n & 0xFF, DATA, 0, sid))
+                if n:
+                    append(payload)
+                avail -= n
+                written += n
+                taken += 1
+            st.window -= written
+            self.conn_window -= written
+        if taken < len(payloads):  # the windows are spent: the rest waits its turn
+            queue = st.queue
+            drain = not queue
+            for payload in payloads[taken:]:
+                queue.append((_DATA, payload, False))
+                st.queued += len(payload)
+            if drain:
+                self._drain(sid, st, out)
+        return written
 
     def raw(self, sid: int, frames: bytes, out: list[Chunk], *, last: bool = False) -> bool:
         """Writes frames (trailers, RST_STREAM) behind the stream's queued DATA.

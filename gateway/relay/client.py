@@ -276,6 +276,20 @@ class ClientConn(H2Conn):
         elif n or flow_len != len(payload):
             self.credit(sid, flow_len - len(payload) + n)
 
+    def on_data_run(self, sid: int, payloads: list[memoryview]) -> None:
+        call = self.calls.get(sid)
+        if call is None or call.c_in_done or call.backend is None:
+            super().on_data_run(sid, payloads)
+            return
+        backend = call.backend
+        n = backend.sched.data_run(call.bsid, payloads, backend.out)
+        if not backend.dirty:
+            backend.mark()
+        if n < 0:
+            self.credit(0, sum(map(len, payloads)))
+        else:
+            self.credit(sid, n)
+
     def _client_data(self, call: Call, payload: Any, flow_len: int, end: bool) -> None:
         if end:
             call.c_in_done = True

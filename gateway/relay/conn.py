@@ -162,14 +162,38 @@ class H2Conn(asyncio.Protocol):
         flush_dirty()
 
     def process(self, data: bytes | memoryview) -> None:
+        """Handles the frames of one read.
+
+        DATA is the hot path. Consecutive unpadded DATA frames of one stream that do not end it
+        (a flowing upload or download: most frames of most reads) are handed over as one run
+        (`on_data_run`); a frame that ends its stream, a padded one, or any other frame first
+        hands over the run collected so far, so every stream's frames keep their order.
+        """
         on_data = self.on_data
+        run: list[memoryview] = []
+        run_sid = 0
         for ftype, flags, sid, payload, flow_len in self.reader.feed(data):
             if ftype == 0 and sid and self._block is None:  # DATA: the hot path
                 self._outstanding += flow_len
                 if self._outstanding > self._conn_window:
                     raise fr.ProtocolError(fr.FLOW_CONTROL_ERROR, "peer exceeded the window")
-                on_data(sid, payload, flow_len, flags & 1)
+                if sid == run_sid and not flags & 1 and flow_len == len(payload):
+                    run.append(payload)
+                    continue
+                if run:
+                    self.on_data_run(run_sid, run)
+                    run = []
+                if flags & 1 or flow_len != len(payload):
+                    run_sid = 0
+                    on_data(sid, payload, flow_len, flags & 1)
+                else:
+                    run_sid = sid
+                    run.append(payload)
                 continue
+            if run:
+                self.on_data_run(run_sid, run)
+                run = []
+                run_sid = 0
             if self._block is not None and ftype != fr.CONTINUATION:
                 raise fr.ProtocolError(fr.PROTOCOL_ERROR, "header block interrupted")
             if ftype == fr.DATA:
@@ -226,6 +250,8 @@ class H2Conn(asyncio.Protocol):
             elif ftype == fr.PUSH_PROMISE:
                 raise fr.ProtocolError(fr.PROTOCOL_ERROR, "PUSH_PROMISE is disabled")
             # PRIORITY and unknown frame types are ignored (RFC 9113 sections 5.5, 6.3).
+        if run:
+            self.on_data_run(run_sid, run)
 
     def _apply_settings(self, values: list[tuple[int, int]]) -> None:
         window: int | None = None
@@ -259,6 +285,11 @@ class H2Conn(asyncio.Protocol):
 
     def on_data(self, sid: int, payload: memoryview, flow_len: int, end: int) -> None:
         raise NotImplementedError
+
+    def on_data_run(self, sid: int, payloads: list[memoryview]) -> None:
+        """Unpadded DATA frames of one stream, none of them its last (see `process`)."""
+        for payload in payloads:
+            self.on_data(sid, payload, len(payload), 0)
 
     def on_headers(self, sid: int, headers: Headers, end_stream: bool) -> None:
         raise NotImplementedError

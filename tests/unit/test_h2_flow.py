@@ -136,6 +136,32 @@ class SchedulerMachine(RuleBasedStateMachine):
         st_.last_offered = end
         self.absorb(out)
 
+    @rule(
+        sid=live,
+        sizes=st.lists(st.one_of(st.just(16384), st.integers(0, 16384), st.integers(1, 40)),
+                       min_size=1, max_size=12),
+    )
+    def data_run(self, sid: int, sizes: list[int]) -> None:
+        """A run of non-final frames in one call: the same wire and accounting as one by one."""
+        st_ = self.streams[sid]
+        if st_.last_offered or st_.closed:
+            return
+        payloads = [self.rng.randbytes(size) for size in sizes]
+        out: list = []
+        n = self.s.data_run(sid, payloads, out)
+        # What is written at once is a prefix of the run, frame by frame, each frame whole.
+        done = 0
+        for size in sizes:
+            if done == n:
+                break
+            done += size
+        assert done == n, "a run must be written whole frames first"
+        for payload in payloads:
+            st_.offered += payload
+            st_.frame_ends.append(len(st_.offered))
+        st_.immediate += n
+        self.absorb(out)
+
     @rule(sid=live)
     def send_trailers(self, sid: int) -> None:
         st_ = self.streams[sid]

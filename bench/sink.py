@@ -25,7 +25,11 @@ Served paths:
   and ListenBuildHistory sends no event (an empty event would read as one active build).
   Subscriptions (Health/Watch, ListenBuildHistory without EarlyExit) stay open until cancelled.
 
-Run standalone: `python bench/sink.py [--port 0]`; prints `SINK READY <port>` on stdout.
+With --work-dir DIR the sink also does buildkitd's per-message work on Session streams (`Work`):
+each whole message is copied out, sha256-hashed and written to a file in DIR.
+
+Run standalone: `python bench/sink.py [--port 0] [--work-dir DIR]`; prints `SINK READY <port>` on
+stdout.
 Any HPACK input is accepted (one hpack.Decoder per connection); PING is answered.
 """
 
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import os
 import signal
 import struct
@@ -167,12 +172,46 @@ def _stays_open(path: str, request: bytes) -> bool:
     return not fields.get(3, [0])[0]
 
 
+class Work:
+    """What buildkitd does with each received message's bytes, done for real (``--work-dir``).
+
+    buildkitd's receiving end of a context upload (session/filesync recvDiffCopy ->
+    fsutil.Receive) hashes file contents for the cache key (ContentHasher, sha256) and writes
+    them to disk. Here each whole gRPC message is copied out of the read buffers (grpc-go
+    assembles every message in its own buffer), sha256-hashed (one hash per Session stream, sent
+    back in its trailers as x-bench-sha256 so the client can check every byte), and written to a
+    file in a temp dir. The daemon's protocol work inside the tunnel (a second HTTP/2 + gRPC
+    layer, two protobuf decodes) is not emulated, so these ends are still cheaper than buildkitd.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.fd = os.open(os.path.join(directory, "received.bin"), os.O_WRONLY | os.O_CREAT, 0o600)
+
+    def message(self, st: Stream, body: bytearray) -> None:
+        if st.sha is None:
+            st.sha = hashlib.sha256()
+        st.sha.update(body)
+        os.write(self.fd, body)
+
+    def session_end(self) -> None:
+        """One upload at a time: the file only holds the current one."""
+        os.ftruncate(self.fd, 0)
+        os.lseek(self.fd, 0, os.SEEK_SET)
+
+
 class SinkServer:
     """Server-wide state: finished sessions (id -> counters) and Solves waiting for them."""
 
-    def __init__(self, *, steps: tuple[int, ...] = WINDOW_STEPS, verbose: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        steps: tuple[int, ...] = WINDOW_STEPS,
+        verbose: bool = False,
+        work: Work | None = None,
+    ) -> None:
         self.steps = steps
         self.verbose = verbose
+        self.work = work
         self.finished: dict[str, tuple[int, int, int]] = {}
         self.waiting: dict[str, list[tuple[SinkConn, int]]] = {}
         self.conns = 0
@@ -188,6 +227,7 @@ class SinkServer:
 
 class Stream:
     __slots__ = (
+        "body",
         "cont",
         "data",
         "end_remote",
@@ -204,14 +244,17 @@ class Stream:
         "recv_unacked",
         "send_win",
         "session_id",
+        "sha",
     )
 
     def __init__(self, sid: int, send_win: int) -> None:
         self.id = sid
         self.path = ""
         self.is_session = False
+        self.sha: hashlib._Hash | None = None  # with --work-dir: sha256 of the messages
         self.session_id = ""
         self.data = bytearray()
+        self.body = bytearray()
         self.end_remote = False
         self.headers_done = False
         self.hblock = bytearray()
@@ -379,11 +422,17 @@ class SinkConn(asyncio.Protocol):
         if not st.is_session:
             st.data += data[start:end]
             return
-        # track gRPC message boundaries without copying the payload
+        # track gRPC message boundaries without copying the payload (unless --work)
+        work = self.server.work
         while start < end:
             if st.msg_left:
                 k = min(st.msg_left, end - start)
                 st.msg_left -= k
+                if work is not None:
+                    st.body += data[start : start + k]
+                    if not st.msg_left:
+                        work.message(st, st.body)
+                        st.body = bytearray()
                 start += k
             else:
                 need = 5 - len(st.pfx)
@@ -467,6 +516,8 @@ class SinkConn(asyncio.Protocol):
             if st is not None and st.is_session and not st.end_remote:
                 st.end_remote = True
                 self.server.session_done(st.session_id, (st.nbytes, st.msgs, st.frames))
+            if self.server.work is not None:
+                self.server.work.session_end()
             self.pending = [p for p in self.pending if p[0] != sid]
         elif ftype == GOAWAY:
             pass  # the peer drains; our replies still go out
@@ -525,6 +576,8 @@ class SinkConn(asyncio.Protocol):
                 ("x-bench-messages", str(st.msgs)),
                 ("x-bench-frames", str(st.frames)),
             ]
+            if st.sha is not None:
+                trailers.append(("x-bench-sha256", st.sha.hexdigest()))
             self._send_headers(st.id, trailers, end=True)
             self.server.session_done(st.session_id, (st.nbytes, st.msgs, st.frames))
             if self.server.verbose:
@@ -615,9 +668,9 @@ class SinkConn(asyncio.Protocol):
         self.pending = keep
 
 
-async def serve(host: str, port: int, verbose: bool = False) -> None:
+async def serve(host: str, port: int, verbose: bool = False, work_dir: str | None = None) -> None:
     loop = asyncio.get_running_loop()
-    server = SinkServer(verbose=verbose)
+    server = SinkServer(verbose=verbose, work=Work(work_dir) if work_dir else None)
     srv = await loop.create_server(lambda: SinkConn(server), host, port, backlog=128)
     sock = srv.sockets[0]
     print(f"SINK READY {sock.getsockname()[1]}", flush=True)
@@ -633,15 +686,19 @@ def main() -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0, help="0 picks a free port")
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument(
+        "--work-dir",
+        help="do buildkitd's per-message work: copy, sha256 and write each message to a file here",
+    )
     args = ap.parse_args()
     if sys.platform.startswith("linux"):
         _die_with_parent()
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(args.host, args.port, args.verbose))
+        asyncio.run(serve(args.host, args.port, args.verbose, args.work_dir))
         return
-    uvloop.run(serve(args.host, args.port, args.verbose))
+    uvloop.run(serve(args.host, args.port, args.verbose, args.work_dir))
 
 
 def _die_with_parent() -> None:

@@ -9,13 +9,17 @@ frame is cut to the window left), half-closes, and waits for the Solve response 
 there) and the Session trailers. The sink (bench/sink.py, a separate process) emulates
 buildkitd's windows (64 KB raised in steps to 682 KB) and reports what it received.
 
+The whole run is done once per kind of ends (--ends lean,work): lean ends only move bytes; work
+ends also do buildctl's and buildkitd's I/O per message (the client reads each message from a
+file; the sink copies, sha256-hashes and writes it to a file), see bench/README.md.
+
 Legs run interleaved, each a few times; the median time gives the ratio direct/path (1.0 means
 the proxy costs nothing; higher is better). The proxy's CPU per upload is its on-CPU time (all
 threads and descendants, /proc/PID/task/*/schedstat) before and after each upload.
 
   .venv/bin/python bench/upload.py [--size-mb 200] [--repeats 9] [--legs direct,haproxy,gateway]
       [--gateway-cmd 'CMD ...'] [--haproxy PATH] [--msg-sizes 24000,4000,2500] [--timeout 30]
-      [--ready-timeout 15] [--deadline 140] [--json FILE] [--keep-logs]
+      [--ready-timeout 15] [--deadline 200] [--ends lean,work] [--json FILE] [--keep-logs]
 """
 
 # ruff: noqa: ASYNC221, ASYNC240
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import platform
@@ -121,10 +126,37 @@ class Payload:
             done += n
         self.blob = b"".join(parts)
         self.view = memoryview(self.blob)
+        self.fd: int | None = None  # set by to_file(): each message is read from the file
+        self.sha256: str | None = None
         self.msg_ends = ends
         self.data_bytes = size
         self.wire_bytes = total
         self.messages = len(ends)
+
+
+    def to_file(self, path: Path) -> None:
+        """Read messages from a file from now on, as buildctl reads the context's files.
+
+        buildctl's sending end (fsutil.Send) reads every file of the context from disk; with
+        --ends work each message is read with one pread() from a file holding the payload (page
+        cache, as a context that was just written is). The protocol work buildctl adds inside
+        the tunnel (a second HTTP/2 + gRPC layer) is not emulated.
+        """
+        path.write_bytes(self.blob)
+        self.fd = os.open(path, os.O_RDONLY)
+        if self.sha256 is None:  # what the work sink must report: sha256 of the messages
+            h = hashlib.sha256()
+            start = 0
+            for end in self.msg_ends:
+                h.update(self.view[start + 5 : end])
+                start = end
+            self.sha256 = h.hexdigest()
+
+    def close_file(self) -> None:
+        """Back to sending from memory."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 # ----------------------------------------------------------------------------------------
@@ -191,6 +223,8 @@ class UploadClient(asyncio.Protocol):
         # sender state
         self.off = 0
         self.msg_idx = 0
+        self.cur: memoryview | None = None  # the current message, when read from a file
+        self.cur_start = 0
         self.frames = 0
         self.window_waits = 0
         self.blocked = False
@@ -408,6 +442,8 @@ class UploadClient(asyncio.Protocol):
         batch = 0
         frames = 0
         swin, cwin = st.send_win, self.conn_win
+        fd = self.p.fd
+        cur, cur_start = self.cur, self.cur_start
         while off < total:
             win = swin if swin < cwin else cwin
             if win <= 0:
@@ -423,7 +459,13 @@ class UploadClient(asyncio.Protocol):
             if n > win:
                 n = win
             parts.append(pack(n >> 8, n & 0xFF, DATA, 0, sid))
-            parts.append(view[off : off + n])
+            if fd is None:
+                parts.append(view[off : off + n])
+            else:
+                if cur is None or off >= cur_start + len(cur):
+                    cur_start = off
+                    cur = memoryview(os.pread(fd, end - off, off))
+                parts.append(cur[off - cur_start : off - cur_start + n])
             off += n
             swin -= n
             cwin -= n
@@ -438,6 +480,7 @@ class UploadClient(asyncio.Protocol):
                 if self.paused:
                     break
         st.send_win, self.conn_win = swin, cwin
+        self.cur, self.cur_start = cur, cur_start
         self.off = off
         self.msg_idx = idx
         self.frames += frames
@@ -491,6 +534,9 @@ async def upload_once(port: int, payload: Payload, timeout: float) -> UploadResu
         raise UploadError(f"sink received {res.sink_bytes} bytes, sent {payload.wire_bytes}")
     if res.sink_messages is not None and res.sink_messages != payload.messages:
         raise UploadError(f"sink counted {res.sink_messages} messages, sent {payload.messages}")
+    sha = tr.get("x-bench-sha256")
+    if payload.fd is not None and sha != payload.sha256:
+        raise UploadError(f"sink's sha256 of the messages is {sha}, sent {payload.sha256}")
     return res
 
 
@@ -847,14 +893,16 @@ def fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def report(legs: list[Leg], payload: Payload, args: argparse.Namespace) -> dict[str, object]:
+def report(
+    legs: list[Leg], payload: Payload, args: argparse.Namespace, ends: str
+) -> dict[str, object]:
     direct = next((lg for lg in legs if lg.name == "direct" and lg.runs), None)
     d_med = median([float(r["seconds"]) for r in direct.runs]) if direct else None
     print()
     print(
         f"Session upload {args.size_mb} MB: {payload.messages} BytesMessages "
         f"(sizes {','.join(map(str, args.msg_sizes))} cycled), {payload.wire_bytes} bytes on the "
-        f"stream; median of {args.repeats} interleaved runs per leg"
+        f"stream; median of {args.repeats} interleaved runs per leg; {ends} ends"
     )
     hdr = (
         f"{'leg':<9} {'time s':>7} {'(min-max)':>13} {'direct/path':>11} {'proxy CPU s':>11} "
@@ -921,10 +969,10 @@ def report(legs: list[Leg], payload: Payload, args: argparse.Namespace) -> dict[
         if not isinstance(sm, dict):
             continue
         if "skipped" in sm:
-            print(f"SUMMARY {name}: skipped ({str(sm['skipped']).splitlines()[0]})")
+            print(f"SUMMARY {name} [{ends} ends]: skipped ({str(sm['skipped']).splitlines()[0]})")
             continue
         print(
-            f"SUMMARY {name}: direct/path {fmt(sm['ratio_direct_over_path'], '.2f')} "
+            f"SUMMARY {name} [{ends} ends]: direct/path {fmt(sm['ratio_direct_over_path'], '.2f')} "
             f"(per-round median {fmt(sm['ratio_paired_median'], '.2f')}), "
             f"{sm['median_s']:.3f} s (direct {fmt(d_med, '.3f')} s), proxy CPU "
             f"{fmt(sm['proxy_cpu_s'], '.3f')} s per upload, "
@@ -935,9 +983,16 @@ def report(legs: list[Leg], payload: Payload, args: argparse.Namespace) -> dict[
             "skipped" not in base):
         r_cur, r_base = cur["ratio_paired_median"], base["ratio_paired_median"]
         if isinstance(r_cur, float) and isinstance(r_base, float) and r_base:
-            print(f"SUMMARY gateway vs gateway-base: per-round ratio {r_cur:.2f} vs "
+            print(f"SUMMARY gateway vs gateway-base [{ends} ends]: per-round ratio {r_cur:.2f} vs "
                   f"{r_base:.2f} ({(r_cur / r_base - 1) * 100:+.1f}%)")
     return summary
+
+
+ENDS = {
+    "lean": "client and sink only move bytes: a proxy's cost shows almost in full",
+    "work": "client and sink also do buildctl's and buildkitd's I/O per message "
+    "(read a file; copy, sha256 and write a file)",
+}
 
 
 async def amain(args: argparse.Namespace) -> int:
@@ -945,13 +1000,43 @@ async def amain(args: argparse.Namespace) -> int:
     size = int(args.size_mb * (1 << 20))
     print(f"building {args.size_mb} MB payload ...", flush=True)
     payload = Payload(size, tuple(args.msg_sizes))
+    results: dict[str, object] = {}
+    rc = 1
+    for ends in args.ends:
+        print(f"\n=== {ends} ends: {ENDS[ends]} ===", flush=True)
+        code, results[ends] = await run_ends(args, ends, payload, t_start)
+        rc = code if rc else rc  # 0 once any mode had a successful leg
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(
+            json.dumps(
+                {"size_mb": args.size_mb, "messages": payload.messages, "ends": results},
+                indent=2,
+            )
+        )
+    return rc
+
+
+async def run_ends(
+    args: argparse.Namespace, ends: str, payload: Payload, t_start: float
+) -> tuple[int, dict[str, object]]:
+    """Every leg with one kind of ends (fresh sink and proxies); returns (rc, summary)."""
+    size = payload.data_bytes
     tmp = Path(tempfile.mkdtemp(prefix="bench-upload-"))
     procs: list[Proc] = []
     legs = [Leg(n) for n in args.legs]
+    sink_argv = [sys.executable, str(BENCH_DIR / "sink.py"), "--port", "0"]
+    work: Path | None = None
+    if ends == "work":
+        # tmpfs when there is one: disk writeback would add noise that is not the proxies'
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        work = Path(tempfile.mkdtemp(prefix="bench-upload-work-", dir=shm))
+        payload.to_file(work / "context.bin")
+        sink_argv += ["--work-dir", str(work)]
     try:
         sink = Proc(
             "sink",
-            [sys.executable, str(BENCH_DIR / "sink.py"), "--port", "0"],
+            sink_argv,
             tmp / "sink.log",
             stdout=subprocess.PIPE,
         )
@@ -960,7 +1045,7 @@ async def amain(args: argparse.Namespace) -> int:
         line = await asyncio.wait_for(asyncio.to_thread(sink.p.stdout.readline), 15)
         if not line.startswith(b"SINK READY"):
             print(f"sink failed to start: {line!r}\n{sink.tail()}", file=sys.stderr)
-            return 2
+            return 2, {}
         sink_port = int(line.split()[2])
         for lg in legs:
             if lg.name == "direct":
@@ -1010,17 +1095,9 @@ async def amain(args: argparse.Namespace) -> int:
             f"\npython {platform.python_version()}, {os.cpu_count()} CPUs, "
             f"total {time.monotonic() - t_start:.0f} s"
         )
-        summary = report(legs, payload, args)
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(
-                json.dumps(
-                    {"size_mb": args.size_mb, "messages": payload.messages, "legs": summary},
-                    indent=2,
-                )
-            )
+        summary = report(legs, payload, args, ends)
         ok = any(lg.runs for lg in legs)
-        return 0 if ok else 1
+        return (0 if ok else 1), summary
     finally:
         for p in reversed(procs):
             p.stop()
@@ -1028,6 +1105,9 @@ async def amain(args: argparse.Namespace) -> int:
             print(f"logs kept in {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+        if work is not None:
+            payload.close_file()
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -1059,6 +1139,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=",".join(map(str, DEFAULT_MSG_SIZES)),
         help="BytesMessage data sizes cycled (default 24000,4000,2500: ~10 KB mean)",
     )
+    ap.add_argument(
+        "--ends",
+        default="lean,work",
+        help="comma list, each a full run (default both): lean = client and sink only move "
+        "bytes; work = they also do buildctl's and buildkitd's I/O per message (the client "
+        "reads each message from a file; the sink copies, sha256-hashes and writes it to a file)",
+    )
     ap.add_argument("--timeout", type=float, default=30, help="limit per upload, s (30)")
     ap.add_argument(
         "--ready-timeout",
@@ -1069,8 +1156,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--deadline",
         type=float,
-        default=140,
-        help="no new run starts after this many seconds (140)",
+        default=200,
+        help="no new run starts after this many seconds (200)",
     )
     ap.add_argument("--json", default=None, help="also write results as JSON to this file")
     ap.add_argument("--keep-logs", action="store_true", help="keep the temp dir with logs/config")
@@ -1083,6 +1170,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"unknown legs: {', '.join(sorted(bad))}")
     if "gateway-base" in args.legs and not args.baseline_gateway_cmd:
         ap.error("leg gateway-base needs --baseline-gateway-cmd")
+    args.ends = [x.strip() for x in args.ends.split(",") if x.strip()]
+    if not args.ends or set(args.ends) - set(ENDS):
+        ap.error(f"--ends: a comma list of {', '.join(ENDS)}")
     args.msg_sizes = [int(x) for x in args.msg_sizes.split(",")]
     if any(s <= 0 or s > 16 << 20 for s in args.msg_sizes):
         ap.error("--msg-sizes must be between 1 and 16 MiB")

@@ -1,0 +1,63 @@
+"""bench/: the upload benchmark runs end to end and catches a path that corrupts the upload.
+
+Small sizes only: these check that the benchmark works and checks what it claims to check, not
+how fast anything is (speed lives in the benchmark's own output).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import upload  # noqa: E402
+
+
+def test_both_kinds_of_ends_through_the_gateway(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "upload.py"), "--size-mb", "2", "--repeats", "2",
+         "--legs", "direct,gateway", "--json", str(out), "--deadline", "60"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    ends = json.loads(out.read_text())["ends"]
+    assert set(ends) == {"lean", "work"}
+    for legs in ends.values():
+        for name in ("direct", "gateway"):
+            leg = legs[name]
+            assert "skipped" not in leg, leg
+            assert len(leg["runs"]) == 2 and not leg["errors"]
+            # every byte and message arrived: the sink's counters went back in the trailers
+            assert all(r["sink_bytes"] == r["wire_bytes"] for r in leg["runs"])
+    assert "SUMMARY gateway [work ends]" in result.stdout
+
+
+async def test_work_sink_reports_the_hash_the_client_checks(tmp_path: Path) -> None:
+    sink = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "bench" / "sink.py"), "--port", "0",
+        "--work-dir", str(tmp_path), stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert sink.stdout is not None
+        line = (await asyncio.wait_for(sink.stdout.readline(), 15)).decode()
+        assert line.startswith("SINK READY"), line
+        port = int(line.split()[2])
+        payload = upload.Payload(1 << 20, (24000, 4000, 2500))
+        payload.to_file(tmp_path / "context.bin")
+        result = await upload.upload_once(port, payload, 10)
+        assert result.sink_messages == payload.messages
+        payload.sha256 = "0" * 64  # as if a byte had changed on the way
+        with pytest.raises(upload.UploadError, match="sha256"):
+            await upload.upload_once(port, payload, 10)
+        payload.close_file()
+    finally:
+        sink.terminate()
+        await asyncio.wait_for(sink.wait(), 10)

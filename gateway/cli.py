@@ -25,7 +25,7 @@ log = logging.getLogger("gateway")
 
 
 async def _serve(settings: config.Settings) -> None:
-    gateway = Gateway(settings)
+    gateway = Gateway(settings, settle_gc=True)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, gateway.stop.set)

@@ -191,10 +191,12 @@ class Work:
         if st.sha is None:
             st.sha = hashlib.sha256()
         st.sha.update(body)
-        os.write(self.fd, body)
+        view = memoryview(body)
+        while view:
+            view = view[os.write(self.fd, view) :]
 
     def session_end(self) -> None:
-        """One upload at a time: the file only holds the current one."""
+        """After each upload (one at a time): the file only ever holds the current one."""
         os.ftruncate(self.fd, 0)
         os.lseek(self.fd, 0, os.SEEK_SET)
 
@@ -429,7 +431,7 @@ class SinkConn(asyncio.Protocol):
                 k = min(st.msg_left, end - start)
                 st.msg_left -= k
                 if work is not None:
-                    st.body += data[start : start + k]
+                    st.body += memoryview(data)[start : start + k]
                     if not st.msg_left:
                         work.message(st, st.body)
                         st.body = bytearray()
@@ -515,9 +517,7 @@ class SinkConn(asyncio.Protocol):
             st = self.streams.pop(sid, None)
             if st is not None and st.is_session and not st.end_remote:
                 st.end_remote = True
-                self.server.session_done(st.session_id, (st.nbytes, st.msgs, st.frames))
-            if self.server.work is not None:
-                self.server.work.session_end()
+                self._session_finished(st)
             self.pending = [p for p in self.pending if p[0] != sid]
         elif ftype == GOAWAY:
             pass  # the peer drains; our replies still go out
@@ -579,7 +579,7 @@ class SinkConn(asyncio.Protocol):
             if st.sha is not None:
                 trailers.append(("x-bench-sha256", st.sha.hexdigest()))
             self._send_headers(st.id, trailers, end=True)
-            self.server.session_done(st.session_id, (st.nbytes, st.msgs, st.frames))
+            self._session_finished(st)
             if self.server.verbose:
                 print(
                     f"sink: session {st.session_id} {st.nbytes} B {st.msgs} msgs "
@@ -609,6 +609,12 @@ class SinkConn(asyncio.Protocol):
             if not _stays_open(st.path, bytes(st.data)):
                 self._send_headers(st.id, [("grpc-status", "0")], end=True)
         st.data = bytearray()
+
+    def _session_finished(self, st: Stream) -> None:
+        self.server.session_done(st.session_id, (st.nbytes, st.msgs, st.frames))
+        work = self.server.work
+        if work is not None:  # after the replies are flushed: freeing 200 MB takes a while
+            asyncio.get_running_loop().call_soon(work.session_end)
 
     def reply_solve(self, sid: int) -> None:
         if sid not in self.streams:

@@ -52,12 +52,19 @@ async def test_work_sink_reports_the_hash_the_client_checks(tmp_path: Path) -> N
         port = int(line.split()[2])
         payload = upload.Payload(1 << 20, (24000, 4000, 2500))
         payload.to_file(tmp_path / "context.bin")
-        result = await upload.upload_once(port, payload, 10)
-        assert result.sink_messages == payload.messages
-        payload.sha256 = "0" * 64  # as if a byte had changed on the way
-        with pytest.raises(upload.UploadError, match="sha256"):
-            await upload.upload_once(port, payload, 10)
-        payload.close_file()
+        try:
+            for _ in range(2):
+                result = await upload.upload_once(port, payload, 10)
+                assert result.sink_messages == payload.messages
+            # The sink's file holds at most the last upload (emptied after each): tmpfs does not
+            # fill up over a run.
+            one_upload = payload.wire_bytes - 5 * payload.messages
+            assert (tmp_path / "received.bin").stat().st_size <= one_upload
+            payload.sha256 = "0" * 64  # as if a byte had changed on the way
+            with pytest.raises(upload.UploadError, match="sha256"):
+                await upload.upload_once(port, payload, 10)
+        finally:
+            payload.close_file()
     finally:
         sink.terminate()
         await asyncio.wait_for(sink.wait(), 10)

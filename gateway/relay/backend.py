@@ -150,7 +150,7 @@ class BackendConn(H2Conn):
 
     def on_data_run(self, sid: int, payloads: list[memoryview]) -> None:
         call = self.calls.get(sid)
-        if (call is None or call.b_in_done or call.c_out_done or call.capture is not None):
+        if call is None or call.b_in_done or call.c_out_done or call.capture is not None:
             super().on_data_run(sid, payloads)
             return
         client = call.client

@@ -71,6 +71,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         super().__init__()
         self.rec = Recorder()
         self.s = SendScheduler(on_sent=self.rec.on_sent, on_end=self.rec.on_end)
+        # The twin gets the same calls, except that a run goes to it frame by frame through
+        # data(): both must write the same bytes and end in the same state.
+        self.twin_rec = Recorder()
+        self.twin = SendScheduler(on_sent=self.twin_rec.on_sent, on_end=self.twin_rec.on_end)
         self.reader = FrameReader()
         self.streams: dict[int, _Stream] = {}
         self.next_sid = 1
@@ -111,6 +115,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         sid = self.next_sid
         self.next_sid += 2
         self.s.open(sid)
+        self.twin.open(sid)
         self.streams[sid] = _Stream(sid, self.peer_initial)
         return sid
 
@@ -126,6 +131,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         payload = self.rng.randbytes(size)
         out: list = []
         n = self.s.data(sid, payload, end, out)
+        twin_out: list = []
+        assert self.twin.data(sid, payload, end, twin_out) == n
+        assert wire(out) == wire(twin_out)
         assert n in (0, size)
         if n and n == size:
             # Written at once: it must be the whole frame, nothing else in between.
@@ -149,6 +157,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         payloads = [self.rng.randbytes(size) for size in sizes]
         out: list = []
         n = self.s.data_run(sid, payloads, out)
+        twin_out: list = []
+        assert sum(self.twin.data(sid, p, False, twin_out) for p in payloads) == n
+        assert wire(out) == wire(twin_out), "a run must go out as its frames one by one would"
         # What is written at once is a prefix of the run, frame by frame, each frame whole.
         done = 0
         for size in sizes:
@@ -169,6 +180,9 @@ class SchedulerMachine(RuleBasedStateMachine):
             return
         out: list = []
         assert self.s.raw(sid, trailers(sid), out, last=True)
+        twin_out: list = []
+        assert self.twin.raw(sid, trailers(sid), twin_out, last=True)
+        assert wire(out) == wire(twin_out)
         st_.last_offered = st_.trailers_offered = True
         self.absorb(out)
 
@@ -181,6 +195,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         if self.s.is_open(sid):
             st_.peer_window += inc
         self.s.window_update(sid, inc, out)
+        twin_out: list = []
+        self.twin.window_update(sid, inc, twin_out)
+        assert wire(out) == wire(twin_out)
         self.absorb(out)
 
     @rule(inc=st.one_of(st.integers(1, 5000), st.integers(1, 1 << 20)))
@@ -189,6 +206,9 @@ class SchedulerMachine(RuleBasedStateMachine):
             return
         out: list = []
         self.s.window_update(0, inc, out)
+        twin_out: list = []
+        self.twin.window_update(0, inc, twin_out)
+        assert wire(out) == wire(twin_out)
         self.peer_conn += inc
         self.absorb(out)
 
@@ -201,6 +221,9 @@ class SchedulerMachine(RuleBasedStateMachine):
             if self.s.is_open(sid):
                 st_.peer_window += delta
         self.s.set_initial_window(value, out)
+        twin_out: list = []
+        self.twin.set_initial_window(value, twin_out)
+        assert wire(out) == wire(twin_out)
         self.peer_initial = value
         self.absorb(out)
 
@@ -209,6 +232,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         st_ = self.streams[sid]
         queued = self.s.queued_bytes(sid)
         st_.dropped = self.s.close(sid)
+        assert self.twin.close(sid) == st_.dropped
         assert st_.dropped == queued
         assert not self.s.is_open(sid)
         st_.closed = True
@@ -221,6 +245,16 @@ class SchedulerMachine(RuleBasedStateMachine):
         for sid, st_ in self.streams.items():
             if self.s.is_open(sid):
                 assert self.s.window(sid) == st_.peer_window
+
+    @invariant()
+    def twin_in_the_same_state(self) -> None:
+        assert self.twin.conn_window == self.s.conn_window
+        for sid in self.streams:
+            assert self.twin.is_open(sid) == self.s.is_open(sid)
+            assert self.twin.window(sid) == self.s.window(sid)
+            assert self.twin.queued_bytes(sid) == self.s.queued_bytes(sid)
+        assert self.twin_rec.sent == self.rec.sent
+        assert self.twin_rec.ended == self.rec.ended
 
     @invariant()
     def accounting(self) -> None:

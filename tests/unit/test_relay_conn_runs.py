@@ -15,7 +15,7 @@ from gateway.h2.headers import encode
 from gateway.metrics import Metrics
 from gateway.relay.backend import BackendConn, Upstream
 from gateway.relay.client import ClientConn
-from gateway.relay.conn import H2Conn, flush_dirty
+from gateway.relay.conn import CREDIT_BATCH, H2Conn, flush_dirty
 from gateway.relay.hub import Hub
 from gateway.replicas.registry import Registry, Replica
 
@@ -181,18 +181,31 @@ _step = st.one_of(
 @given(steps=st.lists(_step, max_size=20))
 def test_runs_write_and_credit_exactly_as_frame_by_frame(
         steps: list[tuple[str, object]]) -> None:
-    """Uploads and downloads through both hops: the same bytes go out on each, in the same
-    reads, whether DATA is handled as runs or frame by frame (credit, queueing, cuts)."""
+    """Uploads and downloads through both hops: the same frames go out on each, after every
+    read, and the same credit is returned, whether DATA is handled as runs or frame by frame."""
     outputs = asyncio.run(_both_ways(steps))  # the hub wants a running loop
     assert outputs[0] == outputs[1]
 
 
-def _credit_state(conn: H2Conn) -> tuple[object, ...]:
-    """Receive credit not yet sent as WINDOW_UPDATE: differs at once if a run miscounts."""
-    return (conn._pending_conn_credit, dict(conn._pending_stream_credit), conn._outstanding)
+def _hop(conn: H2Conn, raw: bytes) -> tuple[object, ...]:
+    """What one hop was sent: every frame but WINDOW_UPDATE exactly, and the receive credit
+    returned per stream, counting what is still pending. Runs may return credit in fewer,
+    larger WINDOW_UPDATEs than frame-by-frame handling; the amounts must be the same."""
+    frames = []
+    credit: dict[int, int] = {}
+    for f in fr.FrameReader().feed(raw):
+        if f.type == fr.WINDOW_UPDATE:
+            credit[f.stream_id] = credit.get(f.stream_id, 0) + fr.parse_u32(f.payload)
+        else:
+            frames.append((f.type, f.flags, f.stream_id, bytes(f.payload)))
+    credit[0] = credit.get(0, 0) + conn._pending_conn_credit
+    for sid, pending in conn._pending_stream_credit.items():
+        credit[sid] = credit.get(sid, 0) + pending
+    uncredited = conn._outstanding - conn._pending_conn_credit  # received, credit not yet due
+    return frames, {k: v for k, v in credit.items() if v}, uncredited
 
 
-async def _both_ways(steps: list[tuple[str, object]]) -> list[list[tuple[object, ...]]]:
+async def _both_ways(steps: list[tuple[str, object]]) -> list[list[object]]:
     outputs = []
     for runs in (True, False):
         client, backend, client_tx, backend_tx, bsid = _relay(runs)
@@ -210,7 +223,32 @@ async def _both_ways(steps: list[tuple[str, object]]) -> list[list[tuple[object,
             else:
                 client.data_received(fr.window_update(0, arg)  # type: ignore[arg-type]
                                      + fr.window_update(3, arg))  # type: ignore[arg-type]
-            seen.append((bytes(client_tx.data), bytes(backend_tx.data),
-                         _credit_state(client), _credit_state(backend)))
+            seen.append((_hop(client, bytes(client_tx.data)),
+                         _hop(backend, bytes(backend_tx.data[len(fr.PREFACE):]))))
         outputs.append(seen)
     return outputs
+
+
+def _window_updates(raw: bytes, sid: int) -> list[int]:
+    return [fr.parse_u32(f.payload) for f in fr.FrameReader().feed(raw)
+            if f.type == fr.WINDOW_UPDATE and f.stream_id == sid]
+
+
+async def test_client_credit_follows_what_was_forwarded_in_small_batches() -> None:
+    """Credit for an upload goes back as the replica takes it, in CREDIT_BATCH steps: the
+    client is paced by the replica instead of sending its whole window in bursts."""
+    client, backend, client_tx, backend_tx, bsid = _relay(True)
+    sent = 0
+    for _ in range(20):  # 20 x 16 KiB, far more than the replica's window
+        client.data_received(fr.frame(fr.DATA, 0, 3, bytes(16384)))
+        sent += 16384
+    flush_dirty()
+    for _ in range(40):  # the replica takes it 8 KiB at a time
+        backend.data_received(fr.window_update(0, 8192) + fr.window_update(bsid, 8192))
+        to_replica = fr.FrameReader().feed(bytes(backend_tx.data[len(fr.PREFACE):]))
+        forwarded = sum(len(f.payload) for f in to_replica
+                        if f.type == fr.DATA and f.stream_id == bsid)
+        credited = sum(_window_updates(bytes(client_tx.data), 3))
+        assert forwarded - CREDIT_BATCH < credited <= forwarded
+    assert forwarded == sent
+    assert all(inc >= CREDIT_BATCH for inc in _window_updates(bytes(client_tx.data), 3))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -662,6 +663,16 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+def _running(pid: int) -> bool:
+    """Not gone and not a zombie (a reparented child is reaped by init, eventually)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] != b"Z"
+
+
 def _child_setup() -> None:
     """In the child: die with the benchmark (PR_SET_PDEATHSIG), keep its process group."""
     try:
@@ -694,6 +705,9 @@ class Proc:
         return self.p.poll() is None
 
     def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 3 s; processes it started go too (a --gateway-cmd may be
+        a wrapper such as strace, whose child would otherwise outlive the benchmark)."""
+        family = _descendants(self.p.pid) if sys.platform.startswith("linux") else []
         if self.p.poll() is None:
             self.p.send_signal(signal.SIGTERM)
             try:
@@ -701,6 +715,15 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.p.kill()
                 self.p.wait(3)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            family = [pid for pid in family if os.path.exists(f"/proc/{pid}")]
+            for pid in family:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + 3
+            while family and time.monotonic() < deadline:
+                family = [pid for pid in family if _running(pid)]
+                time.sleep(0.05)
         self.logf.close()
 
     def tail(self, n: int = 8) -> str:

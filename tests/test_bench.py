@@ -1,4 +1,4 @@
-"""bench/: the upload benchmark runs end to end and catches a path that corrupts the upload.
+"""bench/: the benchmarks run end to end, and the upload benchmark catches a corrupting path.
 
 Small sizes only: these check that the benchmark works and checks what it claims to check, not
 how fast anything is (speed lives in the benchmark's own output).
@@ -68,3 +68,12 @@ async def test_work_sink_reports_the_hash_the_client_checks(tmp_path: Path) -> N
     finally:
         sink.terminate()
         await asyncio.wait_for(sink.wait(), 10)
+
+
+def test_relay_micro_runs() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "relay_micro.py"), "--reads", "20"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "relay DATA path" in result.stdout

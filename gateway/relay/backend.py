@@ -153,14 +153,7 @@ class BackendConn(H2Conn):
         if call is None or call.b_in_done or call.c_out_done or call.capture is not None:
             super().on_data_run(sid, payloads)
             return
-        client = call.client
-        n = client.sched.data_run(call.csid, payloads, client.out)
-        if not client.dirty:
-            client.mark()
-        if n < 0:
-            self.credit(0, sum(map(len, payloads)))
-        else:
-            self.credit(sid, n)
+        self.forward_run(sid, payloads, call.client, call.csid)
 
     def on_rst(self, sid: int, code: int) -> None:
         """The replica reset a stream.

@@ -281,14 +281,7 @@ class ClientConn(H2Conn):
         if call is None or call.c_in_done or call.backend is None:
             super().on_data_run(sid, payloads)
             return
-        backend = call.backend
-        n = backend.sched.data_run(call.bsid, payloads, backend.out)
-        if not backend.dirty:
-            backend.mark()
-        if n < 0:
-            self.credit(0, sum(map(len, payloads)))
-        else:
-            self.credit(sid, n)
+        self.forward_run(sid, payloads, call.backend, call.bsid)
 
     def _client_data(self, call: Call, payload: Any, flow_len: int, end: bool) -> None:
         if end:

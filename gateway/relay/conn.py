@@ -298,6 +298,18 @@ class H2Conn(asyncio.Protocol):
         for payload in payloads:
             self.on_data(sid, payload, len(payload), 0)
 
+    def forward_run(self, sid: int, payloads: list[memoryview], peer: H2Conn,
+                    peer_sid: int) -> None:
+        """Sends a run on the other hop's stream; credit goes back for what was written now
+        (the rest when it is: `on_sent`), or at once if that stream is gone."""
+        n = peer.sched.data_run(peer_sid, payloads, peer.out)
+        if not peer.dirty:
+            peer.mark()
+        if n < 0:
+            self.credit(0, sum(map(len, payloads)))
+        else:
+            self.credit(sid, n)
+
     def on_headers(self, sid: int, headers: Headers, end_stream: bool) -> None:
         raise NotImplementedError
 

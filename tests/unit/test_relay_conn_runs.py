@@ -6,18 +6,13 @@ import asyncio
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from prometheus_client import CollectorRegistry
 
 from gateway import config
-from gateway.builds.ledger import Ledger
 from gateway.h2 import frames as fr
-from gateway.h2.headers import encode
-from gateway.metrics import Metrics
-from gateway.relay.backend import BackendConn, Upstream
+from gateway.relay.backend import BackendConn
 from gateway.relay.client import ClientConn
 from gateway.relay.conn import CREDIT_BATCH, H2Conn, flush_dirty
-from gateway.relay.hub import Hub
-from gateway.replicas.registry import Registry, Replica
+from tests.fakes.relay_wiring import SESSION, WiredRelay, wired_relay
 
 RELAY = config.load(["--replica", "tcp://127.0.0.1:9"], {}).relay
 
@@ -97,26 +92,6 @@ def test_consecutive_frames_of_a_stream_arrive_as_one_run() -> None:
 # ---- the relay's run handlers against the per-frame path -------------------------------------
 
 
-class _Transport:
-    """Records what a connection writes."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-
-    def writelines(self, chunks: list[bytes]) -> None:
-        for chunk in chunks:
-            self.data += chunk
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-
-    def get_extra_info(self, name: str) -> object:
-        return ("127.0.0.1", 5555) if name == "peername" else None
-
-    def close(self) -> None:
-        pass
-
-
 class _FrameByFrameClient(ClientConn):
     on_data_run = H2Conn.on_data_run
 
@@ -125,46 +100,13 @@ class _FrameByFrameBackend(BackendConn):
     on_data_run = H2Conn.on_data_run
 
 
-def _relay(runs: bool) -> tuple[ClientConn, BackendConn, _Transport, _Transport, int]:
-    """A client whose Session stream (3) is routed to a replica connection; both hops record."""
-    settings = config.load(["--replica", "tcp://127.0.0.1:9"], {})
-    registry = Registry([Replica("r", "tcp://127.0.0.1:9", ready=True, reason="")])
-    hub = Hub(relay=settings.relay, routing=settings.routing, pools=settings.pools,
-              registry=registry, ledger=Ledger(),
-              control=config.Endpoint("unix", path="/nonexistent"),
-              spawn=lambda coro, name: coro.close(),
-              metrics=Metrics(CollectorRegistry(), version="test"),
-              eject=lambda replica, reason: None)
-    upstream = Upstream(hub, "r", config.parse_endpoint("tcp://127.0.0.1:9"), settings.relay)
-    hub.upstreams["r"] = upstream
-    backend = (BackendConn if runs else _FrameByFrameBackend)(upstream)
-    backend_tx = _Transport()
-    backend.connection_made(backend_tx)
-    backend.data_received(fr.settings([(fr.SETTINGS_INITIAL_WINDOW_SIZE, 20_000)]))
-    client = (ClientConn if runs else _FrameByFrameClient)(hub, listener="test")
-    client_tx = _Transport()
-    client.connection_made(client_tx)
-    client.data_received(fr.PREFACE + fr.settings([(fr.SETTINGS_INITIAL_WINDOW_SIZE, 30_000)]))
-    solve = b"\x0a\x03ref\x2a\x03sid"
-    headers = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"gw"),
-               (b"content-type", b"application/grpc")]
-    client.data_received(
-        fr.header_block(1, encode([*headers, (b":path", b"/moby.buildkit.v1.Control/Solve")]),
-                        end_stream=False, max_frame=16384)
-        + fr.frame(fr.DATA, fr.FLAG_END_STREAM, 1,
-                   b"\x00" + len(solve).to_bytes(4, "big") + solve)
-        + fr.header_block(3, encode([*headers, (b":path", b"/moby.buildkit.v1.Control/Session"),
-                                     (b"x-docker-expose-session-uuid", b"sid"),
-                                     (b"x-docker-expose-session-sharedkey", b"")]),
-                          end_stream=False, max_frame=16384))
-    upstream.connected(backend)
-    call = client.calls[3]
-    assert call.backend is backend
-    backend.data_received(fr.header_block(
-        call.bsid, encode([(b":status", b"200"), (b"content-type", b"application/grpc")]),
-        end_stream=False, max_frame=16384))
-    flush_dirty()
-    return client, backend, client_tx, backend_tx, call.bsid
+def _relay(runs: bool) -> WiredRelay:
+    """Small windows on both hops, so runs get cut and queued."""
+    return wired_relay(
+        replica_frames=fr.settings([(fr.SETTINGS_INITIAL_WINDOW_SIZE, 20_000)]),
+        client_settings=[(fr.SETTINGS_INITIAL_WINDOW_SIZE, 30_000)],
+        client_cls=ClientConn if runs else _FrameByFrameClient,
+        backend_cls=BackendConn if runs else _FrameByFrameBackend)
 
 
 _step = st.one_of(
@@ -208,11 +150,12 @@ def _hop(conn: H2Conn, raw: bytes) -> tuple[object, ...]:
 async def _both_ways(steps: list[tuple[str, object]]) -> list[list[object]]:
     outputs = []
     for runs in (True, False):
-        client, backend, client_tx, backend_tx, bsid = _relay(runs)
+        relay = _relay(runs)
+        client, backend, bsid = relay.client, relay.backend, relay.bsid
         seen = []
         for kind, arg in steps:
             if kind == "up":
-                client.data_received(b"".join(fr.frame(fr.DATA, 0, 3, bytes(n))
+                client.data_received(b"".join(fr.frame(fr.DATA, 0, SESSION, bytes(n))
                                               for n in arg))  # type: ignore[union-attr]
             elif kind == "down":
                 backend.data_received(b"".join(fr.frame(fr.DATA, 0, bsid, bytes(n))
@@ -222,9 +165,9 @@ async def _both_ways(steps: list[tuple[str, object]]) -> list[list[object]]:
                                       + fr.window_update(bsid, arg))  # type: ignore[arg-type]
             else:
                 client.data_received(fr.window_update(0, arg)  # type: ignore[arg-type]
-                                     + fr.window_update(3, arg))  # type: ignore[arg-type]
-            seen.append((_hop(client, bytes(client_tx.data)),
-                         _hop(backend, bytes(backend_tx.data[len(fr.PREFACE):]))))
+                                     + fr.window_update(SESSION, arg))  # type: ignore[arg-type]
+            seen.append((_hop(client, bytes(relay.client_tx.data)),
+                         _hop(backend, bytes(relay.backend_tx.data))))
         outputs.append(seen)
     return outputs
 
@@ -237,18 +180,19 @@ def _window_updates(raw: bytes, sid: int) -> list[int]:
 async def test_client_credit_follows_what_was_forwarded_in_small_batches() -> None:
     """Credit for an upload goes back as the replica takes it, in CREDIT_BATCH steps: the
     client is paced by the replica instead of sending its whole window in bursts."""
-    client, backend, client_tx, backend_tx, bsid = _relay(True)
+    relay = _relay(True)
     sent = 0
     for _ in range(20):  # 20 x 16 KiB, far more than the replica's window
-        client.data_received(fr.frame(fr.DATA, 0, 3, bytes(16384)))
+        relay.client.data_received(fr.frame(fr.DATA, 0, SESSION, bytes(16384)))
         sent += 16384
     flush_dirty()
     for _ in range(40):  # the replica takes it 8 KiB at a time
-        backend.data_received(fr.window_update(0, 8192) + fr.window_update(bsid, 8192))
-        to_replica = fr.FrameReader().feed(bytes(backend_tx.data[len(fr.PREFACE):]))
-        forwarded = sum(len(f.payload) for f in to_replica
-                        if f.type == fr.DATA and f.stream_id == bsid)
-        credited = sum(_window_updates(bytes(client_tx.data), 3))
+        relay.backend.data_received(fr.window_update(0, 8192)
+                                    + fr.window_update(relay.bsid, 8192))
+        forwarded = sum(len(f.payload) for f in fr.FrameReader().feed(bytes(relay.backend_tx.data))
+                        if f.type == fr.DATA and f.stream_id == relay.bsid)
+        credited = sum(_window_updates(bytes(relay.client_tx.data), SESSION))
         assert forwarded - CREDIT_BATCH < credited <= forwarded
     assert forwarded == sent
-    assert all(inc >= CREDIT_BATCH for inc in _window_updates(bytes(client_tx.data), 3))
+    assert all(inc >= CREDIT_BATCH
+               for inc in _window_updates(bytes(relay.client_tx.data), SESSION))

@@ -172,12 +172,17 @@ GC_YOUNG_THRESHOLD = 20_000
 
 
 def _settle_gc() -> None:
-    """Once started: start-up objects live for good, so the cyclic GC stops walking them.
+    """Once started: most start-up objects live for good, so the cyclic GC stops walking them.
 
     `gc.freeze()` moves every object that exists now to a permanent generation (after a collection,
-    so no garbage is frozen); collections then walk only what was made since. Only for a process
-    that is the gateway's own: it affects every object in the interpreter.
+    so no garbage is frozen); collections then walk only what was made since. A frozen object
+    that later becomes cyclic garbage is never reclaimed (few do: a replica's channel dropped by
+    discovery). The collection after the freeze walks almost nothing; it resets the count of
+    long-lived objects, which otherwise still includes the frozen ones and would make full
+    collections of later objects rare. Only for a process that is the gateway's own: it affects
+    every object in the interpreter.
     """
     gc.collect()
     gc.freeze()
+    gc.collect()
     gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)

@@ -9,13 +9,13 @@ another marks it dirty and `flush_dirty()` writes every dirty connection once.
 
 Receive credit: DATA counts against the windows the gateway granted; credit is returned after
 the payload was forwarded (or dropped), in batches: a WINDOW_UPDATE once `CREDIT_BATCH` (64 KiB,
-or a quarter of the window if that is less) is pending. Batches that small pace the sender by
-what leaves towards the other hop, in steps like those of a direct connection, while the large
-window still lets it run ahead. With 1 MiB batches a client sent 1 MiB bursts, and reading them
-kept the gateway busy while the replica waited for its next window's worth (benchmark with
-work ends, bench/README.md: 0.78-0.95 of direct with 1 MiB batches, 1.02 with 64 KiB). Bytes
-outstanding beyond the granted connection window are a FLOW_CONTROL_ERROR, which also caps what a
-connection can make the gateway buffer.
+or a quarter of the window if that is less) is pending. Small batches pace the sender by what
+leaves towards the other hop, while the large window still lets it run ahead. With 1 MiB batches
+the benchmark's work ends (bench/README.md) gave 0.78-0.95 of direct in our runs, 0.85-1.01 with
+64 KiB; the likely reason is that a client then sent 1 MiB bursts, and reading them kept the
+gateway busy while the replica waited for its next window's worth. Bytes outstanding beyond the
+granted connection window are a FLOW_CONTROL_ERROR, which also caps what a connection can make
+the gateway buffer.
 """
 
 from __future__ import annotations
@@ -31,7 +31,10 @@ from gateway.h2.headers import HeaderDecoder, Headers
 
 log = logging.getLogger("gateway.relay")
 
-CREDIT_BATCH = 1 << 16  # receive credit returned per WINDOW_UPDATE (see the module docstring)
+# Receive credit returned per WINDOW_UPDATE (see the module docstring). One byte above the
+# default window: a peer that has not applied our SETTINGS yet gets its stream credit only once
+# it has, which is harmless, as both hops send SETTINGS (and the connection's extra window) first.
+CREDIT_BATCH = 1 << 16
 
 _dirty: list[H2Conn] = []
 

@@ -134,16 +134,9 @@ class BackendConn(H2Conn):
                 call.b_in_done = True
                 self.release(call)
             return
-        client = call.client
         if call.capture is not None:
             call.capture.append(bytes(payload))
-        n = client.sched.data(call.csid, payload, bool(end), client.out)
-        if not client.dirty:
-            client.mark()
-        if n < 0:
-            self.credit(0, flow_len)
-        elif n or flow_len != len(payload):
-            self.credit(sid, flow_len - len(payload) + n)
+        self.forward(sid, payload, flow_len, bool(end), call.client, call.csid)
         if end:
             call.b_in_done = True
             self.release(call)

@@ -259,22 +259,13 @@ class ClientConn(H2Conn):
             self._try_first_message(call)
 
     def on_data(self, sid: int, payload: memoryview, flow_len: int, end: int) -> None:
+        """A frame that ends its stream or is padded, or any frame of a stream not routed yet
+        (the flowing bulk of a routed stream comes as runs: `on_data_run`)."""
         call = self.calls.get(sid)
         if call is None or call.c_in_done:
             self.credit(0, flow_len)
             return
-        backend = call.backend
-        if backend is None or end:
-            self._client_data(call, payload, flow_len, bool(end))
-            return
-        # Hot path: DATA of a routed stream, not its last frame.
-        n = backend.sched.data(call.bsid, payload, False, backend.out)
-        if not backend.dirty:
-            backend.mark()
-        if n < 0:
-            self.credit(0, flow_len)
-        elif n or flow_len != len(payload):
-            self.credit(sid, flow_len - len(payload) + n)
+        self._client_data(call, payload, flow_len, bool(end))
 
     def on_data_run(self, sid: int, payloads: list[memoryview]) -> None:
         call = self.calls.get(sid)
@@ -286,14 +277,8 @@ class ClientConn(H2Conn):
     def _client_data(self, call: Call, payload: Any, flow_len: int, end: bool) -> None:
         if end:
             call.c_in_done = True
-        backend = call.backend
-        if backend is not None:
-            n = backend.sched.data(call.bsid, payload, end, backend.out)
-            backend.mark()
-            if n < 0:
-                self.credit(0, flow_len)
-            else:
-                self.credit(call.csid, flow_len - len(payload) + n)
+        if call.backend is not None:
+            self.forward(call.csid, payload, flow_len, end, call.backend, call.bsid)
             if end:
                 self.release_call(call)
             return

@@ -301,10 +301,22 @@ class H2Conn(asyncio.Protocol):
         for payload in payloads:
             self.on_data(sid, payload, len(payload), 0)
 
+    def forward(self, sid: int, payload: Chunk, flow_len: int, end: bool, peer: H2Conn,
+                peer_sid: int) -> None:
+        """Sends one DATA frame on the other hop's stream; credit goes back for what was written
+        now and for padding (the rest when it is written: `on_sent`), or at once if that stream
+        is gone."""
+        n = peer.sched.data(peer_sid, payload, end, peer.out)
+        if not peer.dirty:
+            peer.mark()
+        if n < 0:
+            self.credit(0, flow_len)
+        else:
+            self.credit(sid, flow_len - len(payload) + n)
+
     def forward_run(self, sid: int, payloads: list[memoryview], peer: H2Conn,
                     peer_sid: int) -> None:
-        """Sends a run on the other hop's stream; credit goes back for what was written now
-        (the rest when it is: `on_sent`), or at once if that stream is gone."""
+        """`forward` for a run of unpadded frames (see `process`)."""
         n = peer.sched.data_run(peer_sid, payloads, peer.out)
         if not peer.dirty:
             peer.mark()

@@ -42,6 +42,7 @@ import os
 import signal
 import struct
 import sys
+from typing import Any
 
 from hpack import Decoder, Encoder
 
@@ -140,6 +141,23 @@ def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
         if not b & 0x80:
             return res, i
         shift += 7
+
+
+def apply_settings(conn: Any, payload: bytes | bytearray) -> None:
+    """A peer's SETTINGS, for the sink and the benchmark's client alike: a new initial window
+    changes the send window of every open stream (`conn.streams[...].send_win`); the frame size
+    and HPACK table size bound what is sent."""
+    for i in range(0, len(payload) - 5, 6):
+        key, val = struct.unpack_from(">HI", payload, i)
+        if key == S_INITIAL_WINDOW_SIZE:
+            delta = val - conn.peer_init_win
+            conn.peer_init_win = val
+            for st in conn.streams.values():
+                st.send_win += delta
+        elif key == S_MAX_FRAME_SIZE:
+            conn.peer_max_frame = val
+        elif key == S_HEADER_TABLE_SIZE:
+            conn.enc.header_table_size = min(val, 4096)
 
 
 def _canned_reply(path: str) -> bytes | None:
@@ -490,17 +508,7 @@ class SinkConn(asyncio.Protocol):
         elif ftype == SETTINGS:
             if flags & ACK:
                 return
-            for i in range(0, len(payload) - 5, 6):
-                key, val = struct.unpack_from(">HI", payload, i)
-                if key == S_INITIAL_WINDOW_SIZE:
-                    delta = val - self.peer_init_win
-                    self.peer_init_win = val
-                    for st in self.streams.values():
-                        st.send_win += delta
-                elif key == S_MAX_FRAME_SIZE:
-                    self.peer_max_frame = val
-                elif key == S_HEADER_TABLE_SIZE:
-                    self.enc.header_table_size = min(val, 4096)
+            apply_settings(self, payload)
             self.out.append(frame(SETTINGS, ACK, 0))
             self._send_pending()
         elif ftype == PING:

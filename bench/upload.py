@@ -65,15 +65,13 @@ from sink import (
     PRIORITY_FLAG,
     RST_STREAM,
     S_ENABLE_PUSH,
-    S_HEADER_TABLE_SIZE,
-    S_INITIAL_WINDOW_SIZE,
-    S_MAX_FRAME_SIZE,
     S_MAX_HEADER_LIST_SIZE,
     SESSION_PATH,
     SETTINGS,
     SOLVE_PATH,
     U32,
     WINDOW_UPDATE,
+    apply_settings,
     frame,
     grpc_message,
     pb_bytes,
@@ -290,18 +288,7 @@ class UploadClient(asyncio.Protocol):
         if ftype == SETTINGS:
             if flags & ACK:
                 return
-            for i in range(0, len(payload) - 5, 6):
-                key = (payload[i] << 8) | payload[i + 1]
-                val = U32.unpack_from(payload, i + 2)[0]
-                if key == S_INITIAL_WINDOW_SIZE:
-                    delta = val - self.peer_init_win
-                    self.peer_init_win = val
-                    for st in self.streams.values():
-                        st.send_win += delta
-                elif key == S_MAX_FRAME_SIZE:
-                    self.peer_max_frame = val
-                elif key == S_HEADER_TABLE_SIZE:
-                    self.enc.header_table_size = min(val, 4096)
+            apply_settings(self, payload)
             out.append(frame(SETTINGS, ACK, 0))
             if not self.settings_seen.done():
                 self.settings_seen.set_result(None)

@@ -793,6 +793,15 @@ def _builds(n_builds: int, probe: bool, with_shared: bool) -> list[_Build]:
     return builds
 
 
+def _arrivals(data: st.DataObject, builds: list[_Build]
+              ) -> tuple[list[tuple[str, int, _Build]], list[float]]:
+    """The builds' calls in any order, each a few ms after the one before."""
+    events = data.draw(st.permutations(_events(builds)), label="order")
+    gaps = data.draw(st.lists(st.floats(0, 0.05), min_size=len(events),
+                              max_size=len(events)), label="gaps")
+    return events, gaps
+
+
 def _ctx(b: _Build) -> str:
     return "ctx:" + b.sharedkey.rsplit(":", 1)[0]
 
@@ -808,9 +817,7 @@ def test_every_stream_gets_one_decision_and_follows_its_build(
     n_builds: int, probe: bool, with_shared: bool, data: st.DataObject
 ) -> None:
     builds = _builds(n_builds, probe, with_shared)
-    events = data.draw(st.permutations(_events(builds)), label="order")
-    gaps = data.draw(st.lists(st.floats(0, 0.05), min_size=len(events),
-                              max_size=len(events)), label="gaps")
+    events, gaps = _arrivals(data, builds)
     pick = FakePicker(lambda k, i, r: "P" if i else f"R{zlib.crc32((k or '').encode()) % 3}")
     cp = conn()
     decisions: list = []
@@ -868,9 +875,7 @@ def test_with_admission_queueing_every_stream_gets_one_final_decision(
     that admits or rejects the queued Solves in random order."""
     builds = _builds(n_builds, probe, with_shared)
     by_ref = {b.ref: b for b in builds}
-    events = data.draw(st.permutations(_events(builds)), label="order")
-    gaps = data.draw(st.lists(st.floats(0, 0.05), min_size=len(events),
-                              max_size=len(events)), label="gaps")
+    events, gaps = _arrivals(data, builds)
     cp = conn()
     queued: dict[int, Enqueue] = {}  # the admission queue, as the shell would hold it
     kinds: dict[int, tuple[str, _Build]] = {}

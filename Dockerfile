@@ -1,9 +1,10 @@
 # buildkit-gateway: one BuildKit endpoint in front of a pool of buildkitd replicas.
+# Installs exactly the locked versions (requirements.txt, made by hack/lock).
 FROM python:3.11-slim AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY requirements.txt pyproject.toml README.md ./
 COPY gateway ./gateway
-RUN pip install --no-cache-dir --prefix=/install .
+RUN pip install --no-cache-dir --prefix=/install -r requirements.txt .
 
 FROM python:3.11-slim
 COPY --from=build /install /usr/local

@@ -1,7 +1,9 @@
 """Composition root: builds every part from `Settings`, runs them in one TaskGroup, stops them.
 
-Start-up order: registry and ledger (pure state), the control server on a private unix socket,
-the hub, the prober (first probe round before listening, so early builds find ready replicas),
+Start-up order: registry and ledger (pure state), the Kubernetes client (if a pool is
+discovered there), the control server on a private unix socket, the hub, the pod watches (their
+first list awaited briefly, so a restarted gateway knows its pods before it takes builds), the
+prober (first probe round before listening, so early builds find ready replicas), the scalers,
 then the client listeners. Every background task is created through `spawn`: named, owned by the
 TaskGroup, and guarded so that a task dying is logged instead of silently lost.
 
@@ -12,12 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -26,17 +29,24 @@ from gateway import __version__
 from gateway.admin import status
 from gateway.admin.server import AdminServer
 from gateway.builds.ledger import Ledger
-from gateway.config import Endpoint, Settings
+from gateway.config import ConfigError, Endpoint, Settings
 from gateway.control.channels import Channels
 from gateway.control.probe import Prober, ReplicaCache
 from gateway.control.server import ControlServer
+from gateway.discovery import kube as kubernetes
+from gateway.discovery.watch import PodWatch
 from gateway.metrics import Metrics
 from gateway.relay.client import ClientConn
 from gateway.relay.hub import Hub
 from gateway.replicas.registry import Registry, Replica
+from gateway.scaling.scaler import Demand, PoolScaler
 
 log = logging.getLogger("gateway")
 
+Spawn = Callable[[Coroutine[Any, Any, None], str], None]
+FIRST_LIST_WAIT = 5.0
+"""Seconds start-up waits for the pod watches' first lists (the API may be down: then the
+gateway starts with no pods and the watches keep trying)."""
 
 
 async def _guard(coro: Coroutine[Any, Any, None], name: str) -> None:
@@ -70,12 +80,25 @@ class Gateway:
         self.prometheus = CollectorRegistry()
         self.metrics = Metrics(self.prometheus, version=__version__)
         self.admin: AdminServer | None = None
+        self.kube: kubernetes.Kube | None = None
+        self.watches: dict[str, PodWatch] = {}
+        self.scalers: dict[str, PoolScaler] = {}
+        self.control: ControlServer | None = None
 
     async def run(self) -> None:
         settings = self.settings
+        kube_pools = [p for p in settings.pools if p.kube is not None]
+        if kube_pools:
+            try:
+                self.kube = await kubernetes.connect(settings.kube, self.metrics)
+            except Exception as exc:  # the client's own ConfigException and file errors
+                raise ConfigError(f"cannot configure the Kubernetes client (--kubeconfig, "
+                                  f"--kube-context, in-cluster): {exc}") from exc
         workdir = tempfile.mkdtemp(prefix="buildkit-gateway-")
         control_socket = os.path.join(workdir, "control.sock")
-        control = ControlServer(self.registry, self.cache, self.channels, self.ledger)
+        control = ControlServer(self.registry, self.cache, self.channels, self.ledger,
+                                first_answer_wait={p.name: p.queue_timeout for p in kube_pools})
+        self.control = control
         await control.start(control_socket)
         servers: list[asyncio.Server] = []
         try:
@@ -89,19 +112,22 @@ class Gateway:
                     task.add_done_callback(tasks.remove)
 
                 prober = Prober(self.registry, self.cache, self.channels, settings.probe,
-                                self.metrics)
+                                self.metrics, spawn)
                 hub = Hub(relay=settings.relay, routing=settings.routing, pools=settings.pools,
                           registry=self.registry, ledger=self.ledger,
                           control=Endpoint("unix", path=control_socket), spawn=spawn,
                           metrics=self.metrics, eject=prober.eject)
                 self.hub = hub
                 self.metrics.watch(lambda: status.gauges(hub))
+                await self._discover(spawn)
                 await prober.probe_all()
                 spawn(prober.run(), "probe replicas")
+                self._scale(spawn, hub)
                 if not self.registry.snapshot.replicas:
                     log.warning("no replicas configured; builds will wait until some are added")
                 if settings.admin.listen is not None:
-                    self.admin = AdminServer(hub, self.prometheus, version=__version__)
+                    self.admin = AdminServer(hub, self.prometheus, version=__version__,
+                                             extra=self._status)
                     await self.admin.start(*settings.admin.listen)
                 for ep in (*settings.listen.endpoints,
                            *(ep for pool in settings.pools for ep in pool.listen)):
@@ -121,7 +147,76 @@ class Gateway:
                     task.cancel()
         finally:
             await self.channels.close()
+            if self.kube is not None:
+                await self.kube.close()
             shutil.rmtree(workdir, ignore_errors=True)
+
+    async def _discover(self, spawn: Spawn) -> None:
+        """Starts a pod watch per discovered pool; waits a little for their first lists."""
+        kube = self.kube
+        for pool in self.settings.pools:
+            if pool.kube is None or kube is None:
+                continue
+            watch = PodWatch(pool=pool.name, workload=pool.kube, kube=kube,
+                             registry=self.registry, settings=self.settings.kube,
+                             metrics=self.metrics,
+                             on_change=functools.partial(self._poke, pool.name))
+            self.watches[pool.name] = watch
+            spawn(watch.run(), f"watch pods of pool {pool.name}")
+        if self.watches:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(
+                    *(w.synced.wait() for w in self.watches.values())), FIRST_LIST_WAIT)
+
+    def _scale(self, spawn: Spawn, hub: Hub) -> None:
+        """Starts a scaler per autoscaled pool; demand changes reach it synchronously."""
+        kube = self.kube
+        for pool in self.settings.pools:
+            if pool.scaling is None or pool.kube is None or kube is None:
+                continue
+            watch = self.watches[pool.name]
+            scaler = PoolScaler(pool=pool.name, policy=pool.scaling, workload=pool.kube,
+                                kube=kube, settings=self.settings.kube, registry=self.registry,
+                                pods=functools.partial(getattr, watch, "pods"),
+                                synced=watch.synced,
+                                demand=self._demand, metrics=self.metrics,
+                                on_starting=hub.set_starting)
+            self.scalers[pool.name] = scaler
+            spawn(scaler.run(), f"scale pool {pool.name}")
+        if self.scalers:
+            hub.on_demand = self._poke
+            if self.control is not None:
+                self.control.on_demand = self._poke
+
+    def _poke(self, pool: str) -> None:
+        scaler = self.scalers.get(pool)
+        if scaler is not None:
+            scaler.poke()
+
+    def _demand(self, pool: str) -> Demand:
+        """A pool's builds: placed, queued (and calls waiting for a first replica), and the
+        replicas they keep busy."""
+        assert self.hub is not None
+        ids = {r.id for r in self.registry.snapshot.replicas if r.pool == pool}
+        loads = self.ledger.loads()
+        busy = {rec.replica for rec in self.ledger.active() if rec.replica in ids}
+        queue = self.hub.pools[pool].queue
+        busy |= {w.target for w in queue if w.target is not None}
+        waiting = self.control.waiting.get(pool, 0) if self.control is not None else 0
+        return Demand(running=sum(loads.get(i, 0) for i in ids),
+                      queued=len(queue) + waiting, busy=frozenset(busy))
+
+    def _status(self, now: float) -> dict[str, Any]:
+        """The Kubernetes and scaling parts of /api/status."""
+        if self.kube is None:
+            return {}
+        return {
+            "kubernetes": self.kube.health.document(now),
+            "scaling": {name: s.document(now) for name, s in self.scalers.items()},
+            "discovery": {name: {"namespace": w.namespace, "selector": w.selector,
+                                 "pods": len(w.pods), "resource_version": w.resource_version}
+                          for name, w in self.watches.items()},
+        }
 
     async def _listen(self, hub: Hub, ep: Endpoint) -> asyncio.Server:
         loop = asyncio.get_running_loop()

@@ -57,9 +57,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         import uvloop
     except ImportError:
-        asyncio.run(_serve(settings))
+        run = asyncio.run
     else:
-        uvloop.run(_serve(settings))
+        run = uvloop.run
+    try:
+        run(_serve(settings))
+    except config.ConfigError as exc:  # found at start-up (e.g. no Kubernetes configuration)
+        print(f"buildkit-gateway: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

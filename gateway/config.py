@@ -95,6 +95,36 @@ class ListenSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class KubeWorkload:
+    """Where a pool's replicas come from in Kubernetes (discovery/)."""
+
+    namespace: str
+    """Namespace of the pods and the workload; empty: the gateway's own (in a pod), else the
+    kubeconfig context's, else "default"."""
+    deployment: str
+    """The buildkitd Deployment whose pods are the pool (its selector) and whose scale the
+    scaler sets; empty with `selector` (discovery only)."""
+    selector: str
+    """Label selector of the pods; empty: the Deployment's own selector."""
+    port: int | str
+    """buildkitd's port in each pod: a number or a container port name."""
+
+
+@dataclass(frozen=True, slots=True)
+class ScalingSettings:
+    """Autoscaling of a pool's Deployment from its builds (scaling/); on when max_replicas > 0."""
+
+    min_replicas: int
+    """Fewest replicas, also when idle (0: scale to zero)."""
+    max_replicas: int
+    """Most replicas."""
+    target_builds: int
+    """Running + queued builds one replica should carry: desired = ceil(builds / this)."""
+    down_window: float
+    """Seconds demand must stay lower before the count goes down (the HPA's stabilization)."""
+
+
+@dataclass(frozen=True, slots=True)
 class PoolSettings:
     name: str
     """Pool name ("default" for the one configured by the top-level options)."""
@@ -114,6 +144,10 @@ class PoolSettings:
     """:authority host names that select this pool (e.g. arm64.builders.example)."""
     listen: tuple[Endpoint, ...] = ()
     """Extra client endpoints whose connections all go to this pool."""
+    kube: KubeWorkload | None = None
+    """Pods discovered in Kubernetes instead of static replicas (None: static)."""
+    scaling: ScalingSettings | None = None
+    """Autoscaling of the pool's Deployment (None: off)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +184,20 @@ class ProbeSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class KubeSettings:
+    """How to reach the Kubernetes API (used only if a pool is discovered there)."""
+
+    kubeconfig: str
+    """Path of a kubeconfig file; empty: in-cluster service account, else ~/.kube/config."""
+    context: str
+    """kubeconfig context; empty: its current context."""
+    backoff: float = 0.5
+    """First delay before retrying a failed API call or watch; doubles up to backoff_max."""
+    backoff_max: float = 10.0
+    """Longest delay between retries while the API is down."""
+
+
+@dataclass(frozen=True, slots=True)
 class AdminSettings:
     listen: tuple[str, int] | None
     """Host and port of the admin HTTP server (/metrics, /healthz, /readyz, /status), or None."""
@@ -175,6 +223,7 @@ class Settings:
     probe: ProbeSettings
     log: LogSettings
     admin: AdminSettings
+    kube: KubeSettings = KubeSettings("", "")
 
     @property
     def pool(self) -> PoolSettings:
@@ -250,6 +299,26 @@ def _count(value: Any) -> int:
     return number
 
 
+def _kube_port(value: Any) -> int | str:
+    text = str(value).strip()
+    if text.isdigit():
+        if not 0 < int(text) < 65536:
+            raise ValueError(f"port out of range: {value!r}")
+        return int(text)
+    if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?", text):
+        raise ValueError(f"expected a port number or a container port name, got {value!r}")
+    return text
+
+
+def _name(value: Any) -> str:
+    """A Kubernetes object name (DNS-1123 subdomain), or empty."""
+    text = str(value).strip()
+    if text and not re.fullmatch(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?", text):
+        raise ValueError(f"expected a Kubernetes name (lower-case, digits, '-', '.'), "
+                         f"got {value!r}")
+    return text
+
+
 def _load_factor(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError(f"expected a number of at least 1, got {value!r}")
@@ -295,6 +364,27 @@ OPTIONS: tuple[Option, ...] = (
            metavar="DUR"),
     Option("--eject-backoff-max", "upper bound of the ejection time", "60s", parse_duration,
            metavar="DUR"),
+    Option("--kubeconfig", "kubeconfig file for the Kubernetes API; empty: the in-cluster "
+           "service account, else ~/.kube/config", "", str, metavar="PATH"),
+    Option("--kube-context", "kubeconfig context; empty: its current one", "", str,
+           metavar="NAME"),
+    Option("--kube-namespace", "namespace of the buildkitd pods; empty: the gateway's own "
+           "(in a pod), else the kubeconfig context's, else default", "", _name, metavar="NS"),
+    Option("--kube-deployment", "discover the pods of this buildkitd Deployment (and scale "
+           "it with --max-replicas) instead of static --replica addresses", "", _name,
+           metavar="NAME"),
+    Option("--kube-selector", "label selector of the buildkitd pods (default: the "
+           "Deployment's); alone, discovery without scaling", "", str, metavar="SEL"),
+    Option("--kube-port", "buildkitd's port in each pod: a number or a container port name",
+           "1234", _kube_port, metavar="PORT"),
+    Option("--min-replicas", "autoscaling: fewest replicas (0 scales to zero when idle)", 0,
+           _count),
+    Option("--max-replicas", "autoscaling: most replicas; setting it turns autoscaling of "
+           "--kube-deployment on", 0, _count),
+    Option("--target-builds", "autoscaling: running + queued builds per replica, desired = "
+           "ceil(builds / this); 0: --max-builds, or 1 without it", 0, _count),
+    Option("--scale-down-window", "autoscaling: how long demand must stay lower before "
+           "replicas are removed (idle ones only)", "5m", parse_duration, metavar="DUR"),
     Option("--admin-listen", "HOST:PORT of the admin server (/metrics, /healthz, /readyz, "
            "/status, /api/status); empty disables it", "127.0.0.1:9180", _host_port,
            metavar="HOST:PORT"),
@@ -385,29 +475,63 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"invalid {opt.flag} from {source}: {exc}") from exc
     default = _default_pool(values)
-    extra = _extra_pools(file_values.get("pools"), default, config_path or "")
+    extra = _extra_pools(file_values.get("pools"), values, config_path or "")
     return _assemble(values, (default, *extra))
 
 
+# Keys a pool may set; those it leaves out take the top-level value, except where it names
+# its replicas (replica, kube-deployment, kube-selector) and where it is reached (authority,
+# listen); the scaling keys only where the pool names a Deployment of its own.
+_KUBE_KEYS = ("kube-namespace", "kube-deployment", "kube-selector", "kube-port")
+_SCALING_KEYS = ("min-replicas", "max-replicas", "target-builds", "scale-down-window")
 _POOL_KEYS = {"name", "replica", "loadbalance", "load-factor", "max-builds", "max-queue",
-              "queue-timeout", "authority", "listen"}
+              "queue-timeout", "authority", "listen", *_KUBE_KEYS, *_SCALING_KEYS}
+
+
+def _workload(name: str, v: Mapping[str, Any], where: str,
+              replicas: tuple[Endpoint, ...]) -> tuple[KubeWorkload | None,
+                                                       ScalingSettings | None]:
+    """A pool's Kubernetes discovery and scaling, checked for sense."""
+    kube = None
+    if v["kube-deployment"] or v["kube-selector"]:
+        if replicas:
+            raise ConfigError(f"{where}: pool {name} has static replicas and Kubernetes "
+                              "discovery; use one or the other")
+        kube = KubeWorkload(v["kube-namespace"], v["kube-deployment"], v["kube-selector"],
+                            v["kube-port"])
+    if not v["max-replicas"]:
+        if v["min-replicas"]:
+            raise ConfigError(f"{where}: pool {name} sets --min-replicas without "
+                              "--max-replicas")
+        return kube, None
+    if kube is None or not kube.deployment:
+        raise ConfigError(f"{where}: pool {name} sets --max-replicas but names no "
+                          "--kube-deployment to scale")
+    if v["min-replicas"] > v["max-replicas"]:
+        raise ConfigError(f"{where}: pool {name}: --min-replicas {v['min-replicas']} is above "
+                          f"--max-replicas {v['max-replicas']}")
+    target = v["target-builds"] or v["max-builds"] or 1
+    return kube, ScalingSettings(v["min-replicas"], v["max-replicas"], target,
+                                 v["scale-down-window"])
 
 
 def _default_pool(v: Mapping[str, Any]) -> PoolSettings:
+    kube, scaling = _workload("default", v, "top-level options", v["replica"])
     return PoolSettings("default", v["replica"], v["loadbalance"], v["load-factor"],
-                        v["max-builds"], v["max-queue"], v["queue-timeout"])
+                        v["max-builds"], v["max-queue"], v["queue-timeout"], kube=kube,
+                        scaling=scaling)
 
 
-def _extra_pools(raw: Any, default: PoolSettings, path: str) -> list[PoolSettings]:
-    """Pools from the YAML `pools` list; unset keys take the default pool's values."""
+def _extra_pools(raw: Any, top: Mapping[str, Any], path: str) -> list[PoolSettings]:
+    """Pools from the YAML `pools` list; unset keys take the top-level values."""
     if raw is None:
         return []
     if not isinstance(raw, list):
         raise ConfigError(f"config file {path}: pools must be a list of mappings")
-    return [_pool(item, f"config file {path}: pools[{i}]", default) for i, item in enumerate(raw)]
+    return [_pool(item, f"config file {path}: pools[{i}]", top) for i, item in enumerate(raw)]
 
 
-def _pool(item: Any, where: str, default: PoolSettings) -> PoolSettings:
+def _pool(item: Any, where: str, top: Mapping[str, Any]) -> PoolSettings:
     if not isinstance(item, dict):
         raise ConfigError(f"{where} must be a mapping")
     unknown = sorted(set(map(str, item)) - _POOL_KEYS)
@@ -423,24 +547,39 @@ def _pool(item: Any, where: str, default: PoolSettings) -> PoolSettings:
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"invalid {key} in {where} ({name}): {exc}") from exc
 
-    def one(key: str, fallback: Any, fn: Callable[[Any], Any]) -> Any:
-        return convert(key, fn, item[key]) if key in item else fallback
+    def one(key: str, fallback: Any) -> Any:
+        return convert(key, _CONVERT[key], item[key]) if key in item else fallback
 
     def many(key: str, fn: Callable[[Any], Any]) -> tuple[Any, ...]:
         value = item.get(key, [])
         return tuple(convert(key, fn, v) for v in (value if isinstance(value, list) else [value]))
 
+    v = {key: one(key, top[key]) for key in ("loadbalance", "load-factor", "max-builds",
+                                              "max-queue", "queue-timeout", "kube-namespace",
+                                              "kube-port")}
+    v |= {key: one(key, "") for key in ("kube-deployment", "kube-selector")}
+    # Only a pool with a Deployment of its own takes the top-level scaling settings.
+    v |= {key: one(key, top[key] if v["kube-deployment"] else _DEFAULTS[key])
+          for key in _SCALING_KEYS}
+    replicas = many("replica", parse_endpoint)
+    kube, scaling = _workload(name, v, where, replicas)
     return PoolSettings(
         name=name,
-        replicas=many("replica", parse_endpoint),
-        loadbalance=one("loadbalance", default.loadbalance, _choice("sticky", "random")),
-        load_factor=one("load-factor", default.load_factor, _load_factor),
-        max_builds=one("max-builds", default.max_builds, _count),
-        max_queue=one("max-queue", default.max_queue, _count),
-        queue_timeout=one("queue-timeout", default.queue_timeout, parse_duration),
+        replicas=replicas,
+        loadbalance=v["loadbalance"],
+        load_factor=v["load-factor"],
+        max_builds=v["max-builds"],
+        max_queue=v["max-queue"],
+        queue_timeout=v["queue-timeout"],
         authorities=many("authority", _host),
         listen=many("listen", parse_endpoint),
+        kube=kube,
+        scaling=scaling,
     )
+
+
+_CONVERT = {o.key: o.convert for o in OPTIONS}
+_DEFAULTS = {o.key: o.convert(o.default) for o in OPTIONS if not o.repeatable}
 
 
 def _host(value: Any) -> str:
@@ -458,6 +597,10 @@ def _assemble(v: Mapping[str, Any], pools: tuple[PoolSettings, ...]) -> Settings
     replicas = [ep.name for p in pools for ep in p.replicas]
     if len(set(replicas)) != len(replicas):
         raise ConfigError("a replica is listed twice (in --replica or across pools)")
+    workloads = [(p.kube.namespace, p.kube.deployment) for p in pools
+                 if p.kube is not None and p.kube.deployment]
+    if len(set(workloads)) != len(workloads):
+        raise ConfigError("a Deployment serves more than one pool")
     authorities = [a for p in pools for a in p.authorities]
     if len(set(authorities)) != len(authorities):
         raise ConfigError("an authority selects more than one pool")
@@ -480,4 +623,5 @@ def _assemble(v: Mapping[str, Any], pools: tuple[PoolSettings, ...]) -> Settings
                             v["eject-backoff-max"]),
         log=LogSettings(v["log-format"], v["log-level"]),
         admin=AdminSettings(v["admin-listen"], v["shutdown-grace"]),
+        kube=KubeSettings(v["kubeconfig"], v["kube-context"]),
     )

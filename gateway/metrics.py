@@ -16,7 +16,13 @@ import platform
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -147,6 +153,31 @@ class Metrics:
         self.probe_failures = Counter(
             PREFIX + "probe_failures", "Failed active probes of a replica.",
             ["pool", "replica"], registry=registry)
+        # Kubernetes discovery and autoscaling (absent without them, but for kube_api_up).
+        self.kube_api_up = Gauge(
+            PREFIX + "kube_api_up", "1 while the Kubernetes API answered the gateway's last "
+            "call (also 1 without Kubernetes).", registry=registry)
+        self.kube_api_errors = Counter(
+            PREFIX + "kube_api_errors", "Failed calls to the Kubernetes API, by operation.",
+            ["operation"], registry=registry)
+        self.watch_restarts = Counter(
+            PREFIX + "kube_watch_restarts", "Pod watches renewed, by reason: expired (the "
+            "normal end of a watch), gone (410: listed again), error.", ["pool", "reason"],
+            registry=registry)
+        self.scaler_desired = Gauge(
+            PREFIX + "scaler_desired_replicas", "Replicas the demand asks for now "
+            "(clamped to min and max, before the scale-down window).", ["pool"],
+            registry=registry)
+        self.scaler_current = Gauge(
+            PREFIX + "scaler_current_replicas", "The Deployment's replica count, as last "
+            "read or set.", ["pool"], registry=registry)
+        self.scaler_starting = Gauge(
+            PREFIX + "scaler_starting_replicas", "Replicas asked for that do not serve yet.",
+            ["pool"], registry=registry)
+        self.scale_events = Counter(
+            PREFIX + "scale_events", "Changes of the Deployment's replica count by the "
+            "gateway, by direction (up, down).", ["pool", "direction"], registry=registry)
+        self.kube_api_up.set(1)
         registry.register(GaugeInfo(version))
 
     def watch(self, read: Callable[[], State | None]) -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 import pytest
 
 from gateway import config
 from gateway.app import Gateway
+from tests.fakes import kube
 from tests.fakes.replica import FakeReplica, JoinLimits
 
 
@@ -71,3 +72,13 @@ def require_tool(name: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+@pytest.fixture(scope="session")
+def kube_cluster() -> Iterator[kube.KubeCluster]:
+    """One real kube-apiserver for the run: CI's (.ci/run starts it), else a private one."""
+    cluster = kube.start_or_reuse()
+    try:
+        yield cluster
+    finally:
+        kube.stop(cluster)

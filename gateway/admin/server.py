@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from importlib import resources
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -23,8 +24,10 @@ if TYPE_CHECKING:
 
 
 class AdminServer:
-    def __init__(self, hub: Hub, registry: CollectorRegistry, *, version: str) -> None:
+    def __init__(self, hub: Hub, registry: CollectorRegistry, *, version: str,
+                 extra: Callable[[float], dict[str, Any]] = lambda now: {}) -> None:
         self.hub = hub
+        self.extra = extra  # Kubernetes and scaling state, by the composition root
         self.registry = registry
         self.version = version
         self.started = time.time()
@@ -70,8 +73,9 @@ class AdminServer:
         return web.Response(status=503, text=f"not ready: {reason}\n")
 
     async def api_status(self, request: web.Request) -> web.Response:
+        now = self.hub.now()
         doc = status.document(self.hub, version=self.version, started=self.started,
-                              now=self.hub.now(), wall=time.time())
+                              now=now, wall=time.time(), extra=self.extra(now))
         return web.Response(text=json.dumps(doc, indent=1), content_type="application/json")
 
     async def page(self, request: web.Request) -> web.Response:

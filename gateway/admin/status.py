@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from gateway.metrics import State
+from gateway.replicas.registry import Replica
 
 if TYPE_CHECKING:
     from gateway.relay.hub import Hub
@@ -17,17 +18,20 @@ if TYPE_CHECKING:
 RECENT = 50
 
 
-def replica_state(*, ready: bool, ejected: bool, draining: bool) -> str:
-    if draining:
+def replica_state(replica: Replica) -> str:
+    """One of metrics.REPLICA_STATES: draining covers scale-down victims and terminating pods."""
+    if replica.draining or replica.leaving or replica.terminating:
         return "draining"
-    if ejected:
+    if replica.ejected:
         return "ejected"
-    return "ready" if ready else "not_ready"
+    return "ready" if replica.serving else "not_ready"
 
 
 def document(hub: Hub, *, version: str, started: float, now: float,
-             wall: float) -> dict[str, Any]:
-    """The /api/status document. `now` is the loop clock, `wall` Unix time."""
+             wall: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The /api/status document. `now` is the loop clock, `wall` Unix time. `extra` holds the
+    Kubernetes parts: "kubernetes" (API reachability), "scaling" and "discovery" by pool."""
+    extra = extra or {}
     snap = hub.registry.snapshot
     active: dict[str, list[dict[str, Any]]] = {}
     for rec in hub.ledger.active():
@@ -44,7 +48,7 @@ def document(hub: Hub, *, version: str, started: float, now: float,
             replicas.append({
                 "id": r.id,
                 "address": r.address,
-                "state": replica_state(ready=r.ready, ejected=r.ejected, draining=r.draining),
+                "state": replica_state(r),
                 "reason": r.reason,
                 "active_builds": sum(1 for b in builds if not b["internal"]),
                 "internal_builds": sum(1 for b in builds if b["internal"]),
@@ -63,6 +67,9 @@ def document(hub: Hub, *, version: str, started: float, now: float,
             "authorities": list(settings.authorities),
             "replicas": replicas,
             "queue": queue,
+            "starting": hub.starting.get(name, 0),
+            "scaling": extra.get("scaling", {}).get(name),
+            "discovery": extra.get("discovery", {}).get(name),
         })
     pool_of = {r.id: r.pool for r in snap.replicas}
     recent = [{"ref": rec.ref, "pool": pool_of.get(rec.replica, ""), "replica": rec.replica,
@@ -78,6 +85,7 @@ def document(hub: Hub, *, version: str, started: float, now: float,
             "clients": len(hub.clients),
             "streams": dict(sorted(hub.streams.items())),
         },
+        "kubernetes": extra.get("kubernetes"),
         "pools": pools,
         "recent_builds": recent,
     }
@@ -94,8 +102,7 @@ def gauges(hub: Hub) -> State:
     return State(
         active_builds=active,
         queued={name: len(state.queue) for name, state in hub.pools.items()},
-        replicas={(r.pool, r.id): replica_state(ready=r.ready, ejected=r.ejected,
-                                                 draining=r.draining) for r in snap.replicas},
+        replicas={(r.pool, r.id): replica_state(r) for r in snap.replicas},
         clients=len(hub.clients),
         streams={k: v for k, v in hub.streams.items() if v},
         ready=hub.ready(),

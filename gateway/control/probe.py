@@ -4,15 +4,22 @@ Design: one task loops over the registry's replicas every `interval`, probing al
 concurrently with `Control/ListWorkers` and `Control/Info` (each bounded by `timeout`). Success
 marks the replica ready and stores both raw responses in `ReplicaCache`; failure marks it not
 ready with the reason. Transitions are logged once each, so an unreachable replica is reported
-clearly without flooding the log, and it is never fatal. The cache keeps a replica's last
-answers after it stops, so global calls are still answered with every replica down.
+clearly without flooding the log, and it is never fatal. The cache keeps each pool's last
+answers after its replicas stop or leave (a pool scaled to zero), so global calls are still
+answered with every replica down; a replica's own answers go when it leaves the registry.
+
+A replica that joins, or whose pod turns Ready, is probed at once in a task of its own (not at
+the next round, which a slow replica's timeout can hold up), so a build waiting for it is
+dispatched within milliseconds of readiness.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -20,7 +27,7 @@ from gateway.config import ProbeSettings
 from gateway.control.channels import Channels
 from gateway.metrics import Metrics
 from gateway.replicas.health import Ejections
-from gateway.replicas.registry import Registry, Replica
+from gateway.replicas.registry import Registry, Replica, Snapshot
 
 log = logging.getLogger("gateway.probe")
 
@@ -35,17 +42,36 @@ class CachedAnswers:
 
 
 class ReplicaCache:
-    """Last answers of each replica to the global calls, by replica id."""
+    """Last answers of each replica to the global calls, by replica id, and of each pool."""
 
     def __init__(self) -> None:
         self.answers: dict[str, CachedAnswers] = {}
+        self.last_of_pool: dict[str, CachedAnswers] = {}
+        self._stored = asyncio.Event()
+
+    def store(self, replica: Replica, answers: CachedAnswers) -> None:
+        self.answers[replica.id] = answers
+        self.last_of_pool[replica.pool] = answers
+        self._stored.set()
+        self._stored = asyncio.Event()
+
+    def retain(self, ids: Iterable[str]) -> None:
+        """Forgets the answers of replicas that left (their pool's last answers stay)."""
+        keep = set(ids)
+        for gone in [i for i in self.answers if i not in keep]:
+            del self.answers[gone]
+
+    async def stored(self) -> None:
+        """Returns once some replica's answers are stored."""
+        await self._stored.wait()
 
 
 class Prober:
     """Owns replica readiness: active probes, and passive ejections reported by the relay."""
 
     def __init__(self, registry: Registry, cache: ReplicaCache, channels: Channels,
-                 settings: ProbeSettings, metrics: Metrics) -> None:
+                 settings: ProbeSettings, metrics: Metrics,
+                 spawn: Callable[[Coroutine[Any, Any, None], str], None]) -> None:
         self.registry = registry
         self.cache = cache
         self.channels = channels
@@ -53,6 +79,19 @@ class Prober:
         self.metrics = metrics
         self.ejections = Ejections(base=settings.eject_backoff, cap=settings.eject_backoff_max)
         self.wake = asyncio.Event()  # set to probe at once (e.g. when an ejection ends)
+        self._spawn = spawn
+        self._joined = {r.id for r in registry.snapshot.replicas if r.pod_ready}
+        registry.subscribe(self._registry_changed)
+
+    def _registry_changed(self, snapshot: Snapshot) -> None:
+        """Probes at once each replica that joins or whose pod turns Ready."""
+        joined = set()
+        for replica in snapshot.replicas:
+            if replica.pod_ready and not replica.terminating:
+                joined.add(replica.id)
+                if replica.id not in self._joined:
+                    self._spawn(self._probe(replica), f"probe {replica.id}")
+        self._joined = joined
 
     def eject(self, replica_id: str, reason: str) -> None:
         """The relay could not reach a replica: no new builds on it for a while."""
@@ -84,9 +123,11 @@ class Prober:
                 log.error("probe failed unexpectedly", extra={"replica": replica.id,
                                                               "error": repr(result)})
         await self.channels.retain(r.address for r in self.registry.snapshot.replicas)
+        self.cache.retain(r.id for r in self.registry.snapshot.replicas)
 
     async def _probe(self, replica: Replica) -> None:
         timeout = self.settings.timeout
+        replica = self.registry.snapshot.by_id.get(replica.id, replica)
         try:
             workers = await self.channels.unary(replica.address, LIST_WORKERS, b"",
                                                 timeout=timeout)
@@ -101,9 +142,11 @@ class Prober:
             if not replica.ejected:
                 self.registry.update(replica.id, ready=False, reason=reason)
             return
-        self.cache.answers[replica.id] = CachedAnswers(workers, info)
+        if replica.id not in self.registry.snapshot.by_id:
+            return  # left while being probed
+        self.cache.store(replica, CachedAnswers(workers, info))
         if not self.ejections.probe_ok(replica.id, asyncio.get_running_loop().time()):
             return  # still backing off after an ejection
-        if not replica.placeable:
+        if not replica.ready or replica.ejected:
             log.info("replica ready", extra={"replica": replica.id, "address": replica.address})
         self.registry.update(replica.id, ready=True, ejected=False, reason="")

@@ -5,7 +5,11 @@ it like to any replica, so a pool at zero ready replicas or a build still waitin
 `ListWorkers`, `Info` and health at once. Handlers take and return raw bytes:
 - ListWorkers: the cached responses of every replica concatenated (protobuf merges repeated
   field 1, so this is the union of worker records); Info: one ready replica's cached answer.
-  Never answered by any replica -> UNAVAILABLE (buildx retries that while booting).
+  A pool whose replicas all left answers with its last replica's answers. A pool that no
+  replica ever answered for: in a discovered pool (which may be scaled up from zero) the call
+  waits for the first answer, at most the pool's queue timeout, and counts as demand meanwhile
+  (buildx calls ListWorkers before its Solve, so the build starts the scale-up); in a static
+  pool, or past the wait -> UNAVAILABLE (buildx retries that while booting).
 - DiskUsage: fanned out to every ready replica, responses concatenated (the union of records).
 - Prune: fanned out, the record streams merged as they arrive.
 - grpc.health.v1 Check/Watch: SERVING while some replica is ready, else NOT_SERVING.
@@ -24,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime
 
 import grpc
@@ -32,7 +36,7 @@ import grpc
 from gateway.buildkit import wire
 from gateway.builds.ledger import Ledger
 from gateway.control.channels import Channels
-from gateway.control.probe import ReplicaCache
+from gateway.control.probe import CachedAnswers, ReplicaCache
 from gateway.replicas.registry import Registry, Replica
 
 POOL_HEADER = "x-buildkit-gateway-pool"
@@ -48,11 +52,14 @@ NOT_SERVING = b"\x08\x02"
 
 class ControlServer:
     def __init__(self, registry: Registry, cache: ReplicaCache, channels: Channels,
-                 ledger: Ledger) -> None:
+                 ledger: Ledger, *, first_answer_wait: Mapping[str, float]) -> None:
         self.registry = registry
         self.cache = cache
         self.channels = channels
         self.ledger = ledger
+        self.first_answer_wait = first_answer_wait  # pool -> seconds (absent: no wait)
+        self.waiting: dict[str, int] = {}  # pool -> calls waiting for a first answer
+        self.on_demand: Callable[[str], None] = lambda pool: None
         self.server: grpc.aio.Server | None = None
 
     async def start(self, socket_path: str) -> None:
@@ -99,24 +106,44 @@ class ControlServer:
         pool = self._pool(context)
         return [r for r in self.registry.snapshot.replicas if r.pool == pool]
 
-    def _cached(self, context: grpc.aio.ServicerContext) -> list[str]:
-        """Replica ids of the pool with cached answers, ready ones first."""
-        replicas = [r for r in self._replicas(context) if r.id in self.cache.answers]
-        return [r.id for r in sorted(replicas, key=lambda r: not r.placeable)]
+    async def _cached(self, context: grpc.aio.ServicerContext) -> list[CachedAnswers]:
+        """Cached answers of the pool's replicas (ready ones first), or the pool's last ones;
+        waits for a first answer where the pool allows; aborts UNAVAILABLE without one."""
+        pool = self._pool(context)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.first_answer_wait.get(pool, 0.0)
+        counted = False
+        try:
+            while True:
+                replicas = [r for r in self._replicas(context) if r.id in self.cache.answers]
+                answers = [self.cache.answers[r.id]
+                           for r in sorted(replicas, key=lambda r: not r.placeable)]
+                last = self.cache.last_of_pool.get(pool)
+                if answers:
+                    return answers
+                if last is not None:
+                    return [last]
+                if loop.time() >= deadline:
+                    break
+                if not counted:  # a build about to come: it counts as demand
+                    counted = True
+                    self.waiting[pool] = self.waiting.get(pool, 0) + 1
+                    self.on_demand(pool)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.cache.stored(), deadline - loop.time())
+        finally:
+            if counted:
+                self.waiting[pool] -= 1
+                self.on_demand(pool)
+        await context.abort(grpc.StatusCode.UNAVAILABLE,
+                            "no BuildKit replica has answered the gateway yet")
+        raise AssertionError("unreachable")  # abort raises
 
     async def list_workers(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        cached = self._cached(context)
-        if not cached:
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                "no BuildKit replica has answered the gateway yet")
-        return b"".join(self.cache.answers[i].list_workers for i in cached)
+        return b"".join(a.list_workers for a in await self._cached(context))
 
     async def info(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        cached = self._cached(context)
-        if not cached:
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                "no BuildKit replica has answered the gateway yet")
-        return self.cache.answers[cached[0]].info
+        return (await self._cached(context))[0].info
 
     def _health(self, context: grpc.aio.ServicerContext) -> bytes:
         return SERVING if any(r.placeable for r in self._replicas(context)) else NOT_SERVING
@@ -132,7 +159,7 @@ class ControlServer:
     # ---- fan-out ---------------------------------------------------------------------------
 
     def _ready_addresses(self, context: grpc.aio.ServicerContext) -> list[tuple[str, str]]:
-        return [(r.id, r.address) for r in self._replicas(context) if r.placeable]
+        return [(r.id, r.address) for r in self._replicas(context) if r.serving]
 
     async def disk_usage(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         targets = self._ready_addresses(context)

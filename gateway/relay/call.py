@@ -75,7 +75,7 @@ class Call:
         self.resp_headers_sent = False
         self.rst_after_end = False  # backend reset NO_ERROR after its trailers
         self.status: int | None = None  # grpc-status seen in the backend's trailers
-        self.vertex: tuple[str, int, int] | None = None  # wait vertex: (digest, start ns, ahead)
+        self.vertex: tuple[str, int, str] | None = None  # wait vertex: (digest, start ns, label)
         self.drop_resp_headers = False  # the gateway already sent response headers itself
         self.capture: list[bytes] | None = None  # response DATA kept (LLBBridge Pong cache)
         self.first_decoded = False  # the first request message was read for routing

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from gateway import errors
+from gateway.admission.progress import WAIT_NAME
 from gateway.admission.queue import Waiter
 from gateway.buildkit import wire
 from gateway.h2 import frames as fr
@@ -50,7 +51,6 @@ log = logging.getLogger("gateway.relay")
 
 POOL_HEADER = b"x-buildkit-gateway-pool"
 LINGER = 5.0  # seconds a finished connection waits for the client to close its side
-WAIT_NAME = "[gateway] waiting for a builder"
 _OK_HEADERS = [(b":status", b"200"), (b"content-type", b"application/grpc")]
 
 
@@ -437,15 +437,15 @@ class ClientConn(H2Conn):
             return
         self._apply(self.placement.reject(stream, error, self.hub.now(), self.pick))
 
-    def show_wait(self, stream: int, ahead: int) -> None:
-        """A queued Solve's position changed: update its build's wait vertex."""
+    def show_wait(self, stream: int, label: str) -> None:
+        """A queued Solve's wait changed (position, replicas starting): update its vertex."""
         solve = self.calls.get(stream)
         if solve is None or solve.build is not None:
             return
         for call in self.calls.values():
-            if call.vertex is not None and call.vertex[2] != ahead and call.replica is None:
+            if call.vertex is not None and call.vertex[2] != label and call.replica is None:
                 if call.vertex_ref == solve.solve_ref:
-                    call.vertex = (call.vertex[0], call.vertex[1], ahead)
+                    call.vertex = (call.vertex[0], call.vertex[1], label)
                     self._send_vertex(call, done=False)
 
     def _wait_shown(self, call: Call, ref: str) -> None:
@@ -453,7 +453,7 @@ class ClientConn(H2Conn):
         if call.klass is wire.CallClass.STATUS and call.vertex is None and not self.closed:
             digest = "sha256:" + hashlib.sha256(b"gateway-wait/" + ref.encode()).hexdigest()
             now_ns = time.time_ns()
-            call.vertex = (digest, now_ns, self._ahead_of(ref))
+            call.vertex = (digest, now_ns, self.hub.wait_label(self.pool, self._ahead_of(ref)))
             call.vertex_ref = ref
             headers = [*_OK_HEADERS, (b"buildkit-current-timestamp", _rfc3339(now_ns))]
             self.sched.raw(call.csid, self.send_headers(call.csid, encode(headers),
@@ -476,8 +476,8 @@ class ClientConn(H2Conn):
 
     def _send_vertex(self, call: Call, *, done: bool) -> None:
         assert call.vertex is not None
-        digest, started, ahead = call.vertex
-        name = WAIT_NAME if done else f"{WAIT_NAME}: {ahead} ahead"
+        digest, started, label = call.vertex
+        name = WAIT_NAME if done else f"{WAIT_NAME}: {label}"
         message = wire.status_vertex(digest=digest, name=name, started_ns=started,
                                      completed_ns=time.time_ns() if done else None)
         self.sched.data(call.csid, wire.frame_message(message), False, self.out)

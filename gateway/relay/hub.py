@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gateway import errors
+from gateway.admission.progress import wait_label
 from gateway.admission.queue import AdmissionQueue, Waiter
 from gateway.builds.ledger import BuildRecord, Ledger
 from gateway.config import (
@@ -53,6 +54,10 @@ class PoolState:
     ring: HashRing = field(default_factory=lambda: HashRing(()))
     ring_version: int = -1
     pong: bytes | None = None  # a replica's LLBBridge Ping answer (DATA bytes, gRPC framed)
+
+
+def _ignore(pool: str) -> None:
+    pass
 
 
 class Hub:
@@ -98,6 +103,8 @@ class Hub:
         self.loop = asyncio.get_running_loop()
         self._admission_scheduled = False
         self._queue_timer: asyncio.TimerHandle | None = None
+        self.starting: dict[str, int] = {}  # pool -> replicas being started (the scaler's)
+        self.on_demand: Callable[[str], None] = _ignore  # a pool's builds changed (scaler)
         registry.subscribe(self._registry_changed)
 
     def ready(self) -> bool:
@@ -150,7 +157,7 @@ class Hub:
         if target is not None:
             if target not in snap.by_id:
                 return None
-            if not snap.by_id[target].placeable:
+            if not snap.by_id[target].serving:  # a scale-down victim still takes bound builds
                 return WAIT if queued else None
             if internal or self._has_slot(state, target):
                 return target, picking.Outcome.BOUND
@@ -191,6 +198,7 @@ class Hub:
         if not self.pools[pool].queue.offer(waiter, self.now()):
             self.metrics.queue_full.labels(pool).inc()
             return False
+        self.on_demand(pool)
         self.metrics.placements.labels(pool, self.pools[pool].settings.loadbalance,
                                        "queued").inc()
         log.info("build queued", extra={"pool": pool, "ref": waiter.ref,
@@ -203,6 +211,7 @@ class Hub:
         if waiter is not None:
             self.metrics.queue_wait.labels(pool, outcome).observe(self.now() - waiter.enqueued)
             self.schedule_admission()
+            self.on_demand(pool)
 
     def schedule_admission(self) -> None:
         if not self._admission_scheduled:
@@ -225,6 +234,7 @@ class Hub:
                 conn.rejected(stream, errors.QueueTimeout(
                     f"no BuildKit replica of pool {name} became free within {waited:.0f}s "
                     f"(--queue-timeout {state.settings.queue_timeout:g}s)"))
+                self.on_demand(name)
             if not state.queue:
                 continue
 
@@ -242,7 +252,7 @@ class Hub:
             state.queue.admit(place)
             for ahead, waiter in enumerate(state.queue):
                 conn, stream = waiter.handle
-                conn.show_wait(stream, ahead)
+                conn.show_wait(stream, self.wait_label(name, ahead))
         self._arm_queue_timer()
         flush_dirty()
 
@@ -256,6 +266,16 @@ class Hub:
 
     def queued(self) -> int:
         return sum(len(s.queue) for s in self.pools.values())
+
+    def wait_label(self, pool: str, ahead: int) -> str:
+        serving = sum(1 for r in self.registry.snapshot.replicas if r.pool == pool and r.serving)
+        return wait_label(ahead=ahead, starting=self.starting.get(pool, 0), serving=serving)
+
+    def set_starting(self, pool: str, count: int) -> None:
+        """The scaler's count of replicas asked for that do not serve yet."""
+        if self.starting.get(pool, 0) != count:
+            self.starting[pool] = count
+            self.schedule_admission()  # the waits shown name it
 
     # ---- upstreams -------------------------------------------------------------------------
 
@@ -322,6 +342,7 @@ class Hub:
         if not placed.internal:
             policy = self.pools[pool].settings.loadbalance if pool in self.pools else ""
             self.metrics.placements.labels(pool, policy, placed.outcome.value).inc()
+            self.on_demand(pool)
         log.debug("build placed", extra={"ref": placed.ref, "replica": placed.replica,
                                          "internal": placed.internal,
                                          "outcome": placed.outcome.value})
@@ -339,6 +360,7 @@ class Hub:
             self._count_finished(record, result)
             if not record.internal:
                 self.schedule_admission()
+                self.on_demand(self.pool_of(record.replica))
 
     def _count_finished(self, record: BuildRecord, result: str) -> None:
         pool = self.pool_of(record.replica)

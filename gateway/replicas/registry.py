@@ -1,8 +1,11 @@
 """The replica registry: what the pool looks like right now.
 
 Design: readers get an immutable `Snapshot` (frozen dataclasses) that the registry swaps in one
-assignment; discovery and health checking are the only writers. Every change bumps `version` and
-calls the listeners once, so caches keyed by the version (the hash ring) rebuild lazily.
+assignment; discovery, health checking and the scaler are the only writers, each of its own
+fields: discovery owns membership, `address`, `pod_ready` and `terminating` (`sync_pool`); the
+prober owns `ready`, `ejected` and `reason`; the scaler owns `draining` and `leaving`. Every
+change bumps `version` and calls the listeners once, so caches keyed by the version (the hash
+ring) rebuild lazily.
 """
 
 from __future__ import annotations
@@ -13,17 +16,26 @@ from dataclasses import dataclass, field, replace
 
 @dataclass(frozen=True, slots=True)
 class Replica:
-    id: str  # stable name: "host:port" for static replicas
+    id: str  # stable name: "host:port" for static replicas, the pod name for discovered ones
     address: str  # "tcp://host:port" or "unix:///path"
     pool: str = "default"
     ready: bool = False  # last probe succeeded and not ejected
-    draining: bool = False  # takes no new builds (terminating, scale-down victim)
+    draining: bool = False  # a scale-down victim: takes no new builds but bound ones
+    leaving: bool = False  # a victim whose removal was asked for: takes nothing new at all
     ejected: bool = False  # taken out after a connect failure or lost connection (backoff)
     reason: str = "not probed yet"  # why not ready
+    pod_ready: bool = True  # discovery: the pod's Ready condition (static replicas: True)
+    terminating: bool = False  # discovery: the pod has a deletionTimestamp
+
+    @property
+    def serving(self) -> bool:
+        """Up and staying: ready, not ejected, its pod Ready and not terminating, not leaving."""
+        return (self.ready and not self.ejected and self.pod_ready and not self.terminating
+                and not self.leaving)
 
     @property
     def placeable(self) -> bool:
-        return self.ready and not self.draining and not self.ejected
+        return self.serving and not self.draining
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +60,25 @@ class Registry:
     def replace_all(self, replicas: Iterable[Replica]) -> None:
         items = tuple(replicas)
         self._swap(items)
+
+    def sync_pool(self, pool: str, members: Iterable[Replica]) -> None:
+        """Discovery's view of a pool: its replicas now, by id.
+
+        Replicas that stay (same id and address) keep what the prober and the scaler set
+        (ready, ejected, reason, draining, leaving); new ones start unprobed; those absent
+        leave.
+        """
+        current = self.snapshot.by_id
+        kept = tuple(r for r in self.snapshot.replicas if r.pool != pool)
+        merged = []
+        for new in members:
+            old = current.get(new.id)
+            if old is not None and old.pool == pool and old.address == new.address:
+                new = replace(old, pod_ready=new.pod_ready, terminating=new.terminating)
+            merged.append(new)
+        items = kept + tuple(merged)
+        if items != self.snapshot.replicas:
+            self._swap(items)
 
     def update(self, replica_id: str, **changes: object) -> None:
         current = self.snapshot.by_id.get(replica_id)

@@ -12,7 +12,8 @@ Design
 * Every call ends in exactly one `CallRecord` (appended when the call ends, with its outcome:
   'ok', a grpc code name, or 'cancelled'). Calls still running are visible through
   `inflight()`, `active_builds()`, `refs_seen()` and `sessions_seen()`.
-* `solve_delay` is simulated build time, not synchronisation.
+* `solve_delay` is simulated build time, not synchronisation; a Solve's FrontendAttrs
+  `fake-build-seconds` sets its own.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ HISTORY_STARTED, HISTORY_COMPLETE, HISTORY_DELETED = 0, 1, 2
 _T = TypeVar("_T")
 MetadataPairs = tuple[tuple[str, str | bytes], ...]
 
+
+BUILD_SECONDS = "fake-build-seconds"  # FrontendAttrs key: this build's simulated time
 
 @dataclass(frozen=True)
 class JoinLimits:
@@ -502,8 +505,9 @@ class FakeReplica:
                             f"session {sid} closed before the upload finished")
         if job.bridge:
             await job.returned.wait()
-        if self.solve_delay:
-            await asyncio.sleep(self.solve_delay)  # simulated build time
+        delay = float(req.FrontendAttrs.get(BUILD_SECONDS, self.solve_delay))
+        if delay:
+            await asyncio.sleep(delay)  # simulated build time
         exporter = {"replica": self.name,
                     "uploaded": str(self.sessions[req.Session].bytes if req.Session else 0)}
         if shared:

@@ -278,3 +278,58 @@ def test_load_factor_must_be_finite(value: str) -> None:
 def test_yaml_integer_options_reject_floats_and_booleans(tmp_path: Path, text: str) -> None:
     with pytest.raises(ConfigError):
         load(["--config", write(tmp_path, text)], {})
+
+
+def test_kubernetes_discovery_and_scaling_flags() -> None:
+    s = load(["--kube-namespace", "ci", "--kube-deployment", "buildkitd", "--kube-port",
+              "buildkitd", "--max-replicas", "4", "--min-replicas", "1", "--max-builds", "3",
+              "--scale-down-window", "2m", "--kubeconfig", "/k", "--kube-context", "c"], {})
+    assert s.pool.kube == config.KubeWorkload("ci", "buildkitd", "", "buildkitd")
+    # target-builds defaults to the replica's slots
+    assert s.pool.scaling == config.ScalingSettings(1, 4, 3, 120.0)
+    assert (s.kube.kubeconfig, s.kube.context) == ("/k", "c")
+    plain = load(["--kube-selector", "app=buildkitd"], {})
+    assert plain.pool.kube is not None and plain.pool.kube.port == 1234
+    assert plain.pool.scaling is None  # discovery only
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--max-replicas", "3"], "names no --kube-deployment"),
+    (["--kube-selector", "a=b", "--max-replicas", "3"], "names no --kube-deployment"),
+    (["--kube-deployment", "b", "--replica", "tcp://h:1"], "static replicas and Kubernetes"),
+    (["--kube-deployment", "b", "--max-replicas", "1", "--min-replicas", "2"],
+     "--min-replicas 2 is above --max-replicas 1"),
+    (["--kube-deployment", "b", "--min-replicas", "2"], "without --max-replicas"),
+    (["--kube-deployment", "Bad_Name"], "invalid --kube-deployment"),
+    (["--kube-deployment", "b", "--kube-port", "70000"], "invalid --kube-port"),
+])
+def test_kubernetes_settings_that_make_no_sense_are_refused(argv: list[str],
+                                                            message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("-", r"\-")):
+        load(argv, {})
+
+
+def test_pools_name_their_own_deployment_and_inherit_scaling(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+kube-namespace: builders
+kube-deployment: buildkitd-amd64
+max-replicas: 5
+scale-down-window: 1m
+pools:
+  - name: arm64
+    kube-deployment: buildkitd-arm64
+    max-replicas: 2
+    authority: [arm64.builders.example]
+  - name: static
+    replica: [tcp://10.0.0.9:1234]
+""")
+    s = load(["--config", path], {})
+    default, arm, static = s.pools
+    assert default.kube is not None and default.kube.deployment == "buildkitd-amd64"
+    assert arm.kube == config.KubeWorkload("builders", "buildkitd-arm64", "", 1234)
+    assert arm.scaling == config.ScalingSettings(0, 2, 1, 60.0)
+    assert static.kube is None and static.scaling is None
+    twice = write(tmp_path, "kube-deployment: b\npools: [{name: x, kube-deployment: b}]\n",
+                  "twice.yaml")
+    with pytest.raises(ConfigError, match="serves more than one pool"):
+        load(["--config", twice], {})

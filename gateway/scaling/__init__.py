@@ -1,0 +1,1 @@
+"""Autoscaling a pool's Deployment from its builds: the pure decision and its actuator."""

@@ -48,7 +48,7 @@ class ApiHealth:
 
     def succeeded(self) -> None:
         if not self.up:
-            log.info("kubernetes api reachable again",
+            log.info("kubernetes api calls succeeding again",
                      extra={"down_s": round(_now() - self.since, 3)})
             self.up, self.since, self.error = True, _now(), ""
             self.metrics.kube_api_up.set(1)
@@ -57,7 +57,7 @@ class ApiHealth:
         error = describe(exc)
         self.metrics.kube_api_errors.labels(operation).inc()
         if self.up:
-            log.warning("kubernetes api unreachable; routing to the pods known",
+            log.warning("kubernetes api calls failing; routing to the pods known",
                         extra={"operation": operation, "error": error})
             self.up, self.since = False, _now()
             self.metrics.kube_api_up.set(0)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,44 @@ from tests.integration.clients import connect
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOYMENT = "buildkitd"
 WAIT = "[gateway] waiting for a builder"
+
+
+def granted() -> set[tuple[str, str]]:
+    """(verb, resource[/subresource]) the Role of deploy/ grants."""
+    docs = yaml.safe_load_all((ROOT / "deploy/base/gateway-rbac.yaml").read_text())
+    role = next(d for d in docs if d["kind"] == "Role")
+    return {(verb, resource) for rule in role["rules"] for resource in rule["resources"]
+            for verb in rule["verbs"]}
+
+
+def used(cluster: kube.KubeCluster, namespace: str, expect: set[tuple[str, str]], *,
+         timeout: float = 10.0) -> tuple[set[tuple[str, str]], list[str]]:
+    """(verb, resource) the user `gateway` asked for in a namespace, and what was refused, from
+    the API server's audit log (hack/kube/cluster.sh). Re-read until it holds `expect` or
+    `timeout` passes: the server writes events when requests end and offers nothing to wait
+    on (runs in a thread)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        asked, refused = _audited(cluster, namespace)
+        if asked >= expect or time.monotonic() > deadline:
+            return asked, refused
+        time.sleep(0.05)
+
+
+def _audited(cluster: kube.KubeCluster, namespace: str) -> tuple[set[tuple[str, str]],
+                                                                  list[str]]:
+    asked: set[tuple[str, str]] = set()
+    refused: list[str] = []
+    for line in (cluster.dir / "audit.log").read_text().splitlines():
+        event = json.loads(line)
+        ref = event.get("objectRef") or {}
+        if event["user"]["username"] != "gateway" or ref.get("namespace") != namespace:
+            continue
+        resource = ref["resource"] + (f"/{ref['subresource']}" if ref.get("subresource") else "")
+        asked.add((event["verb"], resource))
+        if event.get("responseStatus", {}).get("code") in (401, 403):
+            refused.append(f"{event['verb']} {resource}")
+    return asked, refused
 
 
 def rbac() -> str:
@@ -207,6 +247,11 @@ async def test_idle_pods_go_after_the_window_and_a_build_at_zero_starts_one(
         print(f"\nscale from zero: build dispatched {dispatch * 1000:.1f} ms after its pod "
               f"turned Ready ({ready_at - started:.2f} s from the build's start to Ready)")
         assert 0 <= dispatch < 1.0
+    # Up, down with victims, discovery: every right deploy/ grants was used, none refused.
+    # (A watch is audited when it ends: the gateway has stopped by now.)
+    asked, refused = await asyncio.to_thread(used, kube_cluster, pool.namespace, granted())
+    assert not refused, refused
+    assert asked == granted(), (sorted(asked), sorted(granted()))
 
 
 async def test_scale_down_keeps_the_pod_of_the_long_build(

@@ -7,6 +7,11 @@ replica with its state, the running builds, the queue and the recent builds; one
 is markup, which must come out as text. A screenshot goes to $STATUS_SCREENSHOT (default: a
 tmp path). Skipped when Chromium is not installed (failed instead under CI's
 BUILDKIT_GATEWAY_REQUIRE_TOOLS).
+
+The Kubernetes parts (the API line, a pool's scaling and discovery lines) are rendered from
+canned /api/status documents (tests/unit/test_admin_table.py's, shaped like the real one): a
+small aiohttp server serves the real page and the document. With "kubernetes": null the page
+shows no such line.
 """
 
 from __future__ import annotations
@@ -15,10 +20,14 @@ import asyncio
 import contextlib
 import os
 import signal
+from collections.abc import AsyncIterator
 from html.parser import HTMLParser
+from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp import web
 
 from gateway.app import Gateway
 from tests.conftest import gateway_port, require_tool, running_gateway, running_replicas
@@ -26,6 +35,7 @@ from tests.fakes import buildflow
 from tests.fakes.ids import new_id
 from tests.integration.clients import client
 from tests.integration.test_admission import QueueWatch
+from tests.unit.test_admin_table import kube_document, plain_document
 
 EVIL_REF = '<img src=x onerror="alert(1)">&amp;'
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -34,8 +44,8 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 
 class Dom(HTMLParser):
-    """The rendered page: its tags, its text (also by element id) and its tables (rows of
-    cells' text, the header row first)."""
+    """The rendered page: its tags, its text (also by element id), the attributes of elements
+    with an id and its tables (rows of cells' text, the header row first)."""
 
     def __init__(self, html: str) -> None:
         super().__init__(convert_charrefs=True)
@@ -44,6 +54,7 @@ class Dom(HTMLParser):
         self.tables: list[list[list[str]]] = []
         self._ids: list[str | None] = []
         self.by_id: dict[str, list[str]] = {}
+        self.attrs: dict[str, dict[str, str | None]] = {}
         self._row: list[str] | None = None
         self._cell: list[str] | None = None
         self.feed(html)
@@ -62,6 +73,7 @@ class Dom(HTMLParser):
             self._ids.append(ident)
             if ident:
                 self.by_id.setdefault(ident, [])
+                self.attrs[ident] = dict(attrs)
 
     def handle_endtag(self, tag: str) -> None:
         if tag in ("td", "th") and self._row is not None and self._cell is not None:
@@ -226,3 +238,83 @@ async def test_status_page_renders_replicas_queue_and_recent_builds(
     assert 20_000 < len(data) < 5_000_000, len(data)
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert (width, height) == (1280, 900), (width, height)
+
+
+@contextlib.asynccontextmanager
+async def canned_status(doc: dict[str, Any]) -> AsyncIterator[str]:
+    """The real status page and `doc` as its /api/status, on a local port; yields the page's
+    URL."""
+    page = resources.files("gateway.admin").joinpath("status.html").read_bytes()
+
+    async def status_page(request: web.Request) -> web.Response:
+        return web.Response(body=page, content_type="text/html", charset="utf-8")
+
+    async def api_status(request: web.Request) -> web.Response:
+        return web.json_response(doc)
+
+    app = web.Application()
+    app.router.add_get("/status", status_page)
+    app.router.add_get("/api/status", api_status)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        yield f"http://{host}:{port}/status"
+    finally:
+        await runner.cleanup()
+
+
+async def test_status_page_shows_kubernetes_api_and_scaling(
+        tmp_path: Path, screenshot: Path) -> None:
+    exe = require_tool("chromium")
+    shot = screenshot.with_name(screenshot.stem + "-kube" + screenshot.suffix)
+    shot.unlink(missing_ok=True)
+    async with canned_status(kube_document()) as url:
+        dumped, _ = await asyncio.gather(
+            chromium(exe, url, tmp_path, "dom", "--dump-dom"),
+            chromium(exe, url, tmp_path, "shot", f"--screenshot={shot}",
+                     "--window-size=1280,900"))
+    dom = Dom(dumped.decode())
+    assert dom.text_of("updated").startswith("updated "), dom.text_of("updated")
+    assert dom.text_of("notice") == ""
+    # the API line: state, for how long, the last error
+    assert "hidden" not in dom.attrs["kubernetes"], dom.attrs["kubernetes"]
+    assert dom.text_of("kubernetes") == (
+        "Kubernetes API unreachable for 42 s \u2014 list pods: HTTP 503: Service Unavailable")
+    # the scaled pool: its Deployment's counts, the victim draining, the pod leaving
+    assert dom.text_of("scaling-default") == (
+        "Deployment builds/buildkitd: current 3, desired 5 (1..10, target 2 builds per "
+        "replica), starting 2, draining: buildkitd-7d9f-c, leaving: buildkitd-7d9f-d")
+    assert dom.text_of("events-default") == (
+        "Scale events (scale-down window 5m 00s): down 4\u21923, 12 s ago \u00b7 "
+        "up 1\u21924, 5m 30s ago \u00b7 up 0\u21921, 1h 02m ago")
+    assert dom.text_of("discovery-default") == (
+        "Pods: 4 in namespace builds matching app=buildkitd (resource version 48213)")
+    assert [dom.row("Replica", f"buildkitd-7d9f-{c}")[1] for c in "abcd"] == [
+        "ready", "ready", "draining", "draining"]
+    # the pool that is discovered but not scaled: its pods, no scaling line
+    assert dom.text_of("pool-arm") == "Pool arm"
+    assert "scaling-arm" not in dom.by_id and "events-arm" not in dom.by_id
+    assert dom.text_of("discovery-arm") == (
+        "Pods: 1 in namespace builds matching app=buildkitd-arm (resource version 48190)")
+    assert dom.row("Replica", "buildkitd-arm-0")[1:3] == ["not ready", "connection refused"]
+    data = await asyncio.to_thread(shot.read_bytes)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", shot
+
+
+async def test_status_page_without_kubernetes_shows_no_kubernetes_line(tmp_path: Path) -> None:
+    exe = require_tool("chromium")
+    async with canned_status(plain_document()) as url:
+        dumped = await chromium(exe, url, tmp_path, "dom", "--dump-dom")
+    dom = Dom(dumped.decode())
+    text = dom.text_of("pools")
+    assert dom.text_of("updated").startswith("updated "), dom.text_of("updated")
+    assert "hidden" in dom.attrs["kubernetes"] and dom.text_of("kubernetes") == ""
+    assert not [i for i in dom.by_id if i.startswith(("scaling-", "events-", "discovery-"))]
+    for word in ("Kubernetes", "Deployment", "Scale events", "starting", "draining"):
+        assert word not in text, (word, text)
+    # the rest renders as before
+    assert dom.text_of("pool-default") == "Pool default" and dom.text_of("pool-arm") == "Pool arm"
+    assert "4/4 replicas ready" in text, text

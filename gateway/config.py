@@ -166,9 +166,14 @@ class RelaySettings:
     """Connection window granted to each client: caps what one client makes the gateway buffer.
     Replica connections, shared by many builds, get the largest window (2^31-1)."""
     max_header_list: int
-    """Largest decoded header list accepted (error trailers carry stack traces)."""
+    """Largest decoded header list accepted from replicas (error trailers carry stack
+    traces); also the hard bound of what a client's block may decode to."""
     max_client_streams: int
     """SETTINGS_MAX_CONCURRENT_STREAMS advertised to clients."""
+    max_request_header_list: int = 64 << 10
+    """Largest header list a client may send (decoded), advertised to clients; a larger one is
+    refused with RESOURCE_EXHAUSTED, far below what a replica (grpc-go: 16 MiB) resets the
+    shared connection for."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,7 +358,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("--connection-window", "flow-control window per client connection, bytes (caps "
            "what one client makes the gateway buffer)",
            256 << 20, _positive_int),
-    Option("--max-header-list", "largest header list accepted, bytes", 16 << 20, _positive_int),
+    Option("--max-header-list", "largest header list accepted from replicas (error trailers "
+           "carry stack traces), bytes", 16 << 20, _positive_int),
+    Option("--max-request-header-list", "largest header list a client may send, bytes; a "
+           "larger request is refused with RESOURCE_EXHAUSTED", 64 << 10, _positive_int),
     Option("--max-client-streams", "concurrent streams allowed per client connection", 1000,
            _positive_int),
     Option("--probe-interval", "time between probes of each replica", "5s", parse_duration,
@@ -611,6 +619,8 @@ def _assemble(v: Mapping[str, Any], pools: tuple[PoolSettings, ...]) -> Settings
         raise ConfigError("--probe-interval and --probe-timeout must be positive")
     if v["connection-window"] < v["stream-window"]:
         raise ConfigError("--connection-window must be at least --stream-window")
+    if v["max-request-header-list"] > v["max-header-list"]:
+        raise ConfigError("--max-request-header-list must be at most --max-header-list")
     if v["stream-window"] > 2**31 - 1 or v["connection-window"] > 2**31 - 1:
         raise ConfigError("flow-control windows are at most 2147483647 bytes (RFC 9113)")
     return Settings(
@@ -618,7 +628,7 @@ def _assemble(v: Mapping[str, Any], pools: tuple[PoolSettings, ...]) -> Settings
         pools=pools,
         routing=RoutingSettings(v["session-wait"], v["hold-timeout"]),
         relay=RelaySettings(v["stream-window"], v["connection-window"], v["max-header-list"],
-                            v["max-client-streams"]),
+                            v["max-client-streams"], v["max-request-header-list"]),
         probe=ProbeSettings(v["probe-interval"], v["probe-timeout"], v["eject-backoff"],
                             v["eject-backoff-max"]),
         log=LogSettings(v["log-format"], v["log-level"]),

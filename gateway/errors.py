@@ -97,6 +97,12 @@ class BadRequest(GatewayError):
     code = INVALID_ARGUMENT
 
 
+class RequestHeadersTooLarge(GatewayError):
+    """A client's request headers exceed --max-request-header-list."""
+
+    code = RESOURCE_EXHAUSTED
+
+
 class ShuttingDown(GatewayError):
     """The gateway is stopping and takes no new builds."""
 

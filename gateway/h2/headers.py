@@ -31,18 +31,35 @@ for _i, (_n, _v) in enumerate(HeaderTable.STATIC_TABLE, start=1):
 
 
 class HeaderDecoder:
-    """Decodes the header blocks of one direction of one connection."""
+    """Decodes the header blocks of one direction of one connection.
 
-    __slots__ = ("_decoder",)
+    `max_header_list_size` bounds every decoded list (RFC 9113 size: names, values and 32 per
+    field). With `max_expansion`, a block may also decode to at most that many times its own
+    size, but never less than `floor`: an HPACK bomb (a few KB of references to one large
+    table entry) stops there, with its cost to the gateway bounded by its own size, while
+    honest lists (literals, at most about 1.6 times larger decoded) pass. Decoding stops at
+    the bound; the table is then out of step, so exceeding it is a connection error.
+    """
 
-    def __init__(self, *, max_header_list_size: int) -> None:
+    __slots__ = ("_decoder", "_expansion", "_floor", "_max")
+
+    def __init__(self, *, max_header_list_size: int, max_expansion: int = 0,
+                 floor: int = 0) -> None:
         self._decoder = hpack.Decoder(max_header_list_size=max_header_list_size)
+        self._max = max_header_list_size
+        self._expansion = max_expansion
+        self._floor = floor
 
     def decode(self, block: bytes) -> Headers:
+        if self._expansion:
+            self._decoder.max_header_list_size = min(
+                self._max, max(self._floor, self._expansion * len(block)))
         try:
             pairs = self._decoder.decode(block, raw=True)
         except hpack.OversizedHeaderListError as exc:
-            raise ProtocolError(COMPRESSION_ERROR, f"header list too large: {exc}") from exc
+            raise ProtocolError(COMPRESSION_ERROR, f"header list too large: a block of "
+                                f"{len(block)} bytes decodes to more than "
+                                f"{self._decoder.max_header_list_size}") from exc
         except (hpack.HPACKError, ValueError, IndexError) as exc:
             raise ProtocolError(COMPRESSION_ERROR, f"undecodable header block: {exc}") from exc
         return [(bytes(n), bytes(v)) for n, v in pairs]
@@ -80,6 +97,11 @@ def encode(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
             out.append(b"\x00" + _string(name))
         out.append(_string(value))
     return b"".join(out)
+
+
+def list_size(headers: Headers) -> int:
+    """A header list's size as SETTINGS_MAX_HEADER_LIST_SIZE counts it (RFC 9113 6.5.2)."""
+    return sum(len(n) + len(v) + 32 for n, v in headers)
 
 
 def get(headers: Headers, name: bytes) -> bytes | None:

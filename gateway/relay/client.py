@@ -25,8 +25,9 @@ from gateway import errors
 from gateway.admission.progress import WAIT_NAME
 from gateway.admission.queue import Waiter
 from gateway.buildkit import wire
+from gateway.config import RelaySettings
 from gateway.h2 import frames as fr
-from gateway.h2.headers import Headers, encode, get, get_all
+from gateway.h2.headers import HeaderDecoder, Headers, encode, get, get_all, list_size
 from gateway.metrics import UPSTREAM
 from gateway.relay.call import Call
 from gateway.relay.conn import H2Conn, flush_dirty
@@ -48,6 +49,9 @@ if TYPE_CHECKING:
 _FIRST_MESSAGE = (wire.CallClass.SOLVE, wire.CallClass.STATUS, wire.CallClass.HISTORY)
 
 log = logging.getLogger("gateway.relay")
+
+HPACK_EXPANSION = 16
+"""How many times its own size a client's header block may decode to (see `header_decoder`)."""
 
 POOL_HEADER = b"x-buildkit-gateway-pool"
 LINGER = 5.0  # seconds a finished connection waits for the client to close its side
@@ -100,9 +104,20 @@ class ClientConn(H2Conn):
             self.drain()
         flush_dirty()
 
+    def header_decoder(self, relay: RelaySettings) -> HeaderDecoder:
+        """Client blocks: at most 16 times their size decoded (HPACK bombs), at most
+        --max-header-list in all; the encoded block itself at most twice the request limit
+        (an honest block is hardly larger than its decoded list)."""
+        self.max_block = 2 * relay.max_request_header_list
+        return HeaderDecoder(max_header_list_size=relay.max_header_list,
+                             max_expansion=HPACK_EXPANSION,
+                             floor=relay.max_request_header_list)
+
     def local_settings(self) -> list[tuple[int, int]]:
         return [
-            *super().local_settings(),
+            *((k, v) for k, v in super().local_settings()
+              if k != fr.SETTINGS_MAX_HEADER_LIST_SIZE),
+            (fr.SETTINGS_MAX_HEADER_LIST_SIZE, self.relay.max_request_header_list),
             (fr.SETTINGS_MAX_CONCURRENT_STREAMS, self.relay.max_client_streams),
             (fr.SETTINGS_ENABLE_PUSH, 0),
         ]
@@ -229,6 +244,12 @@ class ClientConn(H2Conn):
         self.calls[sid] = call
         self.sched.open(sid)
         self.hub.stream_opened(call)
+        size = list_size(headers)
+        if size > self.relay.max_request_header_list:  # never re-encoded toward a replica
+            self.end_with_error(call, errors.RequestHeadersTooLarge(
+                f"request headers of {size} bytes exceed the gateway's limit of "
+                f"{self.relay.max_request_header_list} (--max-request-header-list)"))
+            return
         if self.placement is None:
             self.placement = self.hub.new_placement(authority=authority, client=self.peer)
             self.pool = self.hub.pool_for(listener=self.listener, authority=authority)

@@ -61,7 +61,8 @@ class H2Conn(asyncio.Protocol):
         self.name = name
         self.transport: asyncio.Transport | None = None
         self.reader = fr.FrameReader()
-        self.decoder = HeaderDecoder(max_header_list_size=relay.max_header_list)
+        self.decoder = self.header_decoder(relay)
+        self.max_block = relay.max_header_list  # encoded bytes of one header block
         self.sched = SendScheduler(on_sent=self.on_sent, on_end=self.on_end)
         self.out: list[Chunk] = []
         self.dirty = False
@@ -96,6 +97,9 @@ class H2Conn(asyncio.Protocol):
     def send(self, data: bytes) -> None:
         self.out.append(data)
         self.mark()
+
+    def header_decoder(self, relay: RelaySettings) -> HeaderDecoder:
+        return HeaderDecoder(max_header_list_size=relay.max_header_list)
 
     def local_settings(self) -> list[tuple[int, int]]:
         return [
@@ -221,7 +225,7 @@ class H2Conn(asyncio.Protocol):
                     raise fr.ProtocolError(fr.PROTOCOL_ERROR, "unexpected CONTINUATION")
                 self._block[2].append(bytes(payload))
                 self._block_size += len(payload)
-                if self._block_size > self.relay.max_header_list:
+                if self._block_size > self.max_block:
                     raise fr.ProtocolError(fr.ENHANCE_YOUR_CALM, "header block too large")
                 if flags & fr.FLAG_END_HEADERS:
                     bsid, bflags, chunks = self._block

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.fakes import kube
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -77,3 +80,21 @@ def test_relay_micro_runs() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "relay DATA path" in result.stdout
+
+
+def test_scaling_runs_against_the_kube_apiserver(kube_cluster: kube.KubeCluster) -> None:
+    # The session's cluster (CI's, or a private one; skipped like the kube tests without an
+    # apiserver), reused by the benchmark through the same variable as CI's.
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "scaling.py"), "--runs", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=90, check=False,
+        env={**os.environ, kube.REUSE_ENV: str(kube_cluster.dir)},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "(reused" in result.stdout  # not a second apiserver of its own
+    for row in ("API round trip: read scale (baseline",
+                "at zero, 0->1: queue -> scale update sent",
+                "at zero, 0->1: pod Ready -> build dispatched",
+                "at 1 busy replica, 1->2: queue -> scale update sent",
+                "in API round trips"):
+        assert row in result.stdout, result.stdout

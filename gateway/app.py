@@ -112,11 +112,12 @@ class Gateway:
                     task.add_done_callback(tasks.remove)
 
                 prober = Prober(self.registry, self.cache, self.channels, settings.probe,
-                                self.metrics, spawn)
+                                self.metrics, spawn, self.ledger)
                 hub = Hub(relay=settings.relay, routing=settings.routing, pools=settings.pools,
                           registry=self.registry, ledger=self.ledger,
                           control=Endpoint("unix", path=control_socket), spawn=spawn,
                           metrics=self.metrics, eject=prober.eject)
+                prober.on_dead = hub.replica_dead
                 self.hub = hub
                 self.metrics.watch(lambda: status.gauges(hub))
                 await self._discover(spawn)

@@ -170,6 +170,19 @@ class RelaySettings:
     traces); also the hard bound of what a client's block may decode to."""
     max_client_streams: int
     """SETTINGS_MAX_CONCURRENT_STREAMS advertised to clients."""
+    max_connections: int = 10_000
+    """Client connections the gateway keeps at once; one more is refused (GOAWAY)."""
+    max_connections_per_client: int = 256
+    """Client connections from one address at once."""
+    handshake_timeout: float = 10.0
+    """Seconds a client has for its HTTP/2 preface, and for finishing any header block."""
+    idle_timeout: float = 1800.0
+    """Seconds a client connection may have no call at all before it is closed (0: never)."""
+    write_timeout: float = 60.0
+    """Seconds a client may leave megabytes unread before it is dropped."""
+    replica_stream_window: int = 1 << 20
+    """Window the gateway grants each stream on a replica connection: the most it buffers for
+    one stream whose client does not read (a download to a stalled client waits there)."""
     max_request_header_list: int = 64 << 10
     """Largest header list a client may send (decoded), advertised to clients; a larger one is
     refused with RESOURCE_EXHAUSTED, far below what a replica (grpc-go: 16 MiB) resets the
@@ -186,6 +199,11 @@ class ProbeSettings:
     """Seconds a replica stays ejected after its first connect failure or lost connection."""
     eject_backoff_max: float = 60.0
     """Upper bound of the ejection time, which doubles with each ejection in a row."""
+    dead_after: float = 60.0
+    """Seconds from a replica's first failed probe, with every probe since failed, after which
+    the builds running on it (it vanished without closing: node lost, process frozen) end with
+    UNAVAILABLE and it is ejected; 0: never, its builds wait for it to come back. Measured from
+    the first failure seen, so one failed probe alone never ends builds."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,6 +303,13 @@ def _stream_window(value: Any) -> int:
     return number
 
 
+def _replica_window(value: Any) -> int:
+    number = _positive_int(value)
+    if not 1 << 16 <= number <= 2**31 - 1:
+        raise ValueError(f"expected 65536 to 2147483647 bytes, got {value!r}")
+    return number
+
+
 def _host_port(value: Any) -> tuple[str, int] | None:
     text = str(value).strip()
     if not text:
@@ -358,6 +383,19 @@ OPTIONS: tuple[Option, ...] = (
     Option("--connection-window", "flow-control window per client connection, bytes (caps "
            "what one client makes the gateway buffer)",
            256 << 20, _positive_int),
+    Option("--max-connections", "client connections kept at once; one more is refused",
+           10_000, _positive_int),
+    Option("--max-connections-per-client", "client connections from one address at once",
+           256, _positive_int),
+    Option("--handshake-timeout", "time a client has for its HTTP/2 preface, and for "
+           "finishing a header block", "10s", parse_duration, metavar="DUR"),
+    Option("--client-idle-timeout", "a client connection with no call for this long is "
+           "closed; 0 never", "30m", parse_duration, metavar="DUR"),
+    Option("--client-write-timeout", "a client that leaves megabytes unread this long is "
+           "dropped", "60s", parse_duration, metavar="DUR"),
+    Option("--replica-stream-window", "flow-control window per stream toward a replica, "
+           "bytes: the most the gateway buffers for a stream whose client does not read",
+           1 << 20, _replica_window),
     Option("--max-header-list", "largest header list accepted from replicas (error trailers "
            "carry stack traces), bytes", 16 << 20, _positive_int),
     Option("--max-request-header-list", "largest header list a client may send, bytes; a "
@@ -371,6 +409,10 @@ OPTIONS: tuple[Option, ...] = (
            "builds (doubles with each ejection in a row)", "1s", parse_duration,
            metavar="DUR"),
     Option("--eject-backoff-max", "upper bound of the ejection time", "60s", parse_duration,
+           metavar="DUR"),
+    Option("--replica-dead-after", "how long a replica's probes may go on failing, from the "
+           "first failure, while builds run on it before those builds end with UNAVAILABLE (a "
+           "replica gone without closing its connections); 0: never", "60s", parse_duration,
            metavar="DUR"),
     Option("--kubeconfig", "kubeconfig file for the Kubernetes API; empty: the in-cluster "
            "service account, else ~/.kube/config", "", str, metavar="PATH"),
@@ -619,6 +661,8 @@ def _assemble(v: Mapping[str, Any], pools: tuple[PoolSettings, ...]) -> Settings
         raise ConfigError("--probe-interval and --probe-timeout must be positive")
     if v["connection-window"] < v["stream-window"]:
         raise ConfigError("--connection-window must be at least --stream-window")
+    if v["handshake-timeout"] <= 0 or v["client-write-timeout"] <= 0:
+        raise ConfigError("--handshake-timeout and --client-write-timeout must be positive")
     if v["max-request-header-list"] > v["max-header-list"]:
         raise ConfigError("--max-request-header-list must be at most --max-header-list")
     if v["stream-window"] > 2**31 - 1 or v["connection-window"] > 2**31 - 1:
@@ -628,9 +672,12 @@ def _assemble(v: Mapping[str, Any], pools: tuple[PoolSettings, ...]) -> Settings
         pools=pools,
         routing=RoutingSettings(v["session-wait"], v["hold-timeout"]),
         relay=RelaySettings(v["stream-window"], v["connection-window"], v["max-header-list"],
-                            v["max-client-streams"], v["max-request-header-list"]),
+                            v["max-client-streams"], v["max-connections"],
+                            v["max-connections-per-client"], v["handshake-timeout"],
+                            v["client-idle-timeout"], v["client-write-timeout"],
+                            v["replica-stream-window"], v["max-request-header-list"]),
         probe=ProbeSettings(v["probe-interval"], v["probe-timeout"], v["eject-backoff"],
-                            v["eject-backoff-max"]),
+                            v["eject-backoff-max"], v["replica-dead-after"]),
         log=LogSettings(v["log-format"], v["log-level"]),
         admin=AdminSettings(v["admin-listen"], v["shutdown-grace"]),
         kube=KubeSettings(v["kubeconfig"], v["kube-context"]),

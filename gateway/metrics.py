@@ -153,6 +153,11 @@ class Metrics:
         self.probe_failures = Counter(
             PREFIX + "probe_failures", "Failed active probes of a replica.",
             ["pool", "replica"], registry=registry)
+        self.client_limits = Counter(
+            PREFIX + "client_limits", "Limits clients hit, by kind (rates: resets, pings, "
+            "settings, refused_streams; timeouts: handshake_timeout, header_timeout, idle, "
+            "write_timeout; connections, connections_per_client); each ends or refuses a "
+            "connection, except idle which closes it.", ["kind"], registry=registry)
         # Kubernetes discovery and autoscaling (absent without them, but for kube_api_up).
         self.kube_api_up = Gauge(
             PREFIX + "kube_api_up", "1 while the Kubernetes API answered the gateway's last "

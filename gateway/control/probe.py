@@ -11,6 +11,14 @@ answered with every replica down; a replica's own answers go when it leaves the 
 A replica that joins, or whose pod turns Ready, is probed at once in a task of its own (not at
 the next round, which a slow replica's timeout can hold up), so a build waiting for it is
 dispatched within milliseconds of readiness.
+
+A replica can vanish without closing its connections (node lost, process frozen): its builds
+would then wait for it forever. The prober keeps, per replica, when the current streak of failed
+probes began (its first failure seen; any answer ends the streak). Once the streak has lasted
+`dead_after` while builds run on the replica (`is_dead`, pure), `on_dead` ends every call open on
+it with UNAVAILABLE naming it and why (the hub drops its connections as if lost) and the replica
+is ejected. The decision is taken at each failed probe, so it comes at most one probe round
+(interval + timeout) after `dead_after`; a replica that answers before then loses nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from typing import Any
 
 import grpc
 
+from gateway.builds.ledger import Ledger
 from gateway.config import ProbeSettings
 from gateway.control.channels import Channels
 from gateway.metrics import Metrics
@@ -66,13 +75,28 @@ class ReplicaCache:
         await self._stored.wait()
 
 
+def is_dead(failing_since: float | None, now: float, *, dead_after: float,
+            busy: bool) -> bool:
+    """Whether to give up on a replica whose probes have failed since `failing_since` (None: its
+    last probe answered): builds run on it and the failures have lasted `dead_after` (0: never).
+    """
+    return (failing_since is not None and busy and dead_after > 0
+            and now - failing_since >= dead_after)
+
+
+def _no_calls_ended(replica_id: str, reason: str) -> int:
+    return 0
+
+
 class Prober:
     """Owns replica readiness: active probes, and passive ejections reported by the relay."""
 
     def __init__(self, registry: Registry, cache: ReplicaCache, channels: Channels,
                  settings: ProbeSettings, metrics: Metrics,
-                 spawn: Callable[[Coroutine[Any, Any, None], str], None]) -> None:
+                 spawn: Callable[[Coroutine[Any, Any, None], str], None],
+                 ledger: Ledger) -> None:
         self.registry = registry
+        self.ledger = ledger
         self.cache = cache
         self.channels = channels
         self.settings = settings
@@ -81,6 +105,10 @@ class Prober:
         self.wake = asyncio.Event()  # set to probe at once (e.g. when an ejection ends)
         self._spawn = spawn
         self._joined = {r.id for r in registry.snapshot.replicas if r.pod_ready}
+        self._failing_since: dict[str, float] = {}  # replica id -> its streak's first failure
+        # Ends every call open on a replica with UNAVAILABLE (the reason in the message),
+        # returns how many: the hub's, set once it exists.
+        self.on_dead: Callable[[str, str], int] = _no_calls_ended
         registry.subscribe(self._registry_changed)
 
     def _registry_changed(self, snapshot: Snapshot) -> None:
@@ -124,6 +152,8 @@ class Prober:
                                                               "error": repr(result)})
         await self.channels.retain(r.address for r in self.registry.snapshot.replicas)
         self.cache.retain(r.id for r in self.registry.snapshot.replicas)
+        for gone in self._failing_since.keys() - self.registry.snapshot.by_id.keys():
+            del self._failing_since[gone]
 
     async def _probe(self, replica: Replica) -> None:
         timeout = self.settings.timeout
@@ -141,7 +171,9 @@ class Prober:
                                                         "error": reason})
             if not replica.ejected:
                 self.registry.update(replica.id, ready=False, reason=reason)
+            self._failed(replica.id)
             return
+        self._failing_since.pop(replica.id, None)  # it answers: whatever runs there goes on
         if replica.id not in self.registry.snapshot.by_id:
             return  # left while being probed
         self.cache.store(replica, CachedAnswers(workers, info))
@@ -150,3 +182,24 @@ class Prober:
         if not replica.ready or replica.ejected:
             log.info("replica ready", extra={"replica": replica.id, "address": replica.address})
         self.registry.update(replica.id, ready=True, ejected=False, reason="")
+
+    def _failed(self, replica_id: str) -> None:
+        """A probe failed: once the failures have lasted dead_after while builds run on the
+        replica, those builds (every call open on it) end and the replica is ejected."""
+        if replica_id not in self.registry.snapshot.by_id:
+            return  # left while being probed
+        now = asyncio.get_running_loop().time()
+        since = self._failing_since.setdefault(replica_id, now)
+        dead_after = self.settings.dead_after
+        busy = any(record.replica == replica_id for record in self.ledger.active())
+        if not is_dead(since, now, dead_after=dead_after, busy=busy):
+            return
+        reason = (f"it stopped answering (probes failed for {now - since:.1f}s, "
+                  f"--replica-dead-after {dead_after:g}s)")
+        self._failing_since[replica_id] = now  # ends what runs there again only after as long
+        ended = self.on_dead(replica_id, reason)
+        log.warning("replica stopped answering; its builds end", extra={
+            "replica": replica_id, "error": reason, "calls": ended})
+        replica = self.registry.snapshot.by_id.get(replica_id)
+        if replica is not None and not replica.ejected:  # a lost connection ejects it too
+            self.eject(replica_id, reason)

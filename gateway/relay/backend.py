@@ -39,13 +39,15 @@ CONNECT_TIMEOUT = 5.0
 
 class BackendConn(H2Conn):
     role = "replica"
+    # A replica connection is shared by many clients' builds: its connection credit goes back
+    # as DATA arrives, so streams stalled by slow (or hostile) clients, each holding at most
+    # its own --replica-stream-window, never starve the others of connection credit.
+    credit_on_receipt = True
 
     def __init__(self, upstream: Upstream) -> None:
-        # A replica connection is shared by many clients' builds: its connection window is
-        # the largest there is, so streams stalled by slow clients (each bounded by its own
-        # stream window) cannot starve the others of connection credit.
         super().__init__(upstream.relay, name=f"replica {upstream.replica_id}",
-                         connection_window=fr.MAX_WINDOW)
+                         connection_window=fr.MAX_WINDOW,
+                         stream_window=upstream.relay.replica_stream_window)
         self.rx_bytes, self.rx_index = upstream.hub.metrics.relayed, DOWNSTREAM
         self.errors = upstream.hub.metrics.http2_errors
         self.upstream = upstream
@@ -62,6 +64,9 @@ class BackendConn(H2Conn):
 
     def local_settings(self) -> list[tuple[int, int]]:
         return [*super().local_settings(), (fr.SETTINGS_ENABLE_PUSH, 0)]
+
+    def has_stream(self, sid: int) -> bool:
+        return sid in self.calls
 
     def has_room(self) -> bool:
         return (self.usable and not self.closed and len(self.calls) < self.peer_max_streams

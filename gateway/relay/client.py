@@ -31,6 +31,7 @@ from gateway.h2.headers import HeaderDecoder, Headers, encode, get, get_all, lis
 from gateway.metrics import UPSTREAM
 from gateway.relay.call import Call
 from gateway.relay.conn import H2Conn, flush_dirty
+from gateway.relay.guard import WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW, ClientGuard
 from gateway.routing.pick import Outcome
 from gateway.routing.placement import (
     ConnectionPlacement,
@@ -86,6 +87,7 @@ class ClientConn(H2Conn):
         self._timer_at: float | None = None
         self.accepting = True  # new streams are taken (false once GOAWAY went either way)
         self.draining = False  # the gateway is stopping: no new builds
+        self.guard: ClientGuard | None = None  # the limits (relay/guard.py), once admitted
 
     # ---- connection ------------------------------------------------------------------------
 
@@ -98,6 +100,17 @@ class ClientConn(H2Conn):
         else:
             self.peer = ""
             self.name = f"client {self.listener}"
+        refused = self.hub.abuse.admit(self.peer)
+        if refused is not None:
+            self.hub.abuse.report(self.peer, refused, "too many connections",
+                                  now=self.hub.now())
+            self.closed = True
+            transport.write(fr.settings([]) + fr.goaway(0, fr.ENHANCE_YOUR_CALM,
+                                                        b"too many connections"))
+            transport.close()
+            return
+        self.guard = ClientGuard(self, self.hub.abuse, self.relay)
+        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_LOW)
         self.hub.client_opened(self)
         self.send_preface()
         if self.hub.draining:  # accepted just as the gateway began to stop
@@ -136,13 +149,62 @@ class ClientConn(H2Conn):
             rest = data[self._preface_needed :]
             self._preface_needed -= len(got) - len(self._preface_buf)
             self._preface_buf = got if self._preface_needed else b""
-            if self._preface_needed or not rest:
+            if self._preface_needed:
+                return
+            if self.guard is not None:
+                self.guard.handshake_done()
+                self.guard.calls_changed(0)
+            if not rest:
                 return
             data = rest
         super().process(data)
 
+    def on_control(self, ftype: int) -> None:
+        if self.guard is not None:
+            self.guard.control_frame(ftype)
+
+    def on_block(self, *, started: bool) -> None:
+        if self.guard is not None:
+            if started:
+                self.guard.block_started()
+            else:
+                self.guard.block_finished()
+
+    def close_idle(self) -> None:
+        """No call for --client-idle-timeout: GOAWAY, then close (relay/guard.py)."""
+        if self.closed or not self.accepting:
+            return
+        self.accepting = False
+        self.send(fr.goaway(self.last_sid, fr.NO_ERROR, b"idle"))
+        if not self.calls:
+            self.finish()
+        flush_dirty()
+
+    def pause_writing(self) -> None:
+        """The client's socket buffer is past WRITE_BUFFER_HIGH: it does not read. Read no
+        more from it, and credit no more of its downloads to the replicas, until it does."""
+        self.paused = True
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        if self.guard is not None:
+            self.guard.writing_paused()
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.guard is not None:
+            self.guard.writing_resumed()
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+        self.return_deferred_credit()
+        flush_dirty()
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.guard is None:  # refused at once: never counted as a client
+            return
         self.closed = True
+        self.guard.close()
+        self.hub.abuse.left(self.peer)
+        self.return_deferred_credit()
         for timer in (self._timer, self._linger):
             if timer is not None:
                 timer.cancel()
@@ -235,6 +297,8 @@ class ClientConn(H2Conn):
             self.send(fr.rst_stream(sid, fr.REFUSED_STREAM))
             return
         if len(self.calls) >= self.relay.max_client_streams:
+            if self.guard is not None:
+                self.guard.refused_stream()
             self.send(fr.rst_stream(sid, fr.REFUSED_STREAM))
             return
         path = (get(headers, b":path") or b"").decode("utf-8", "replace")
@@ -244,6 +308,8 @@ class ClientConn(H2Conn):
         self.calls[sid] = call
         self.sched.open(sid)
         self.hub.stream_opened(call)
+        if self.guard is not None and len(self.calls) == 1:
+            self.guard.calls_changed(1)
         size = list_size(headers)
         if size > self.relay.max_request_header_list:  # never re-encoded toward a replica
             self.end_with_error(call, errors.RequestHeadersTooLarge(
@@ -369,7 +435,11 @@ class ClientConn(H2Conn):
     def on_sent(self, sid: int, n: int) -> None:
         call = self.calls.get(sid)
         if call is not None and (backend := call.backend) is not None:
-            backend.credit(call.bsid if backend.calls.get(call.bsid) is call else 0, n)
+            bsid = call.bsid if backend.calls.get(call.bsid) is call else 0
+            if self.paused:
+                self.defer_credit(backend, bsid, n)
+            else:
+                backend.credit(bsid, n)
 
     def on_end(self, sid: int) -> None:
         call = self.calls.get(sid)
@@ -619,6 +689,8 @@ class ClientConn(H2Conn):
     def _closed_out(self, call: Call) -> None:
         """A client stream is gone (both halves done, or reset): the bookkeeping after it."""
         self.hub.stream_closed(call)
+        if self.guard is not None and not self.calls:
+            self.guard.calls_changed(0)
         if call.build is not None:  # a Solve that ended without trailers frees its slot too
             self.hub.build_finished(call, "unknown")
         if not self.accepting and not self.calls:

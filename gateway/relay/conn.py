@@ -16,6 +16,11 @@ the benchmark's work ends (bench/README.md) gave 0.78-0.95 of direct in our runs
 gateway busy while the replica waited for its next window's worth. Bytes outstanding beyond the
 granted connection window are a FLOW_CONTROL_ERROR, which also caps what a connection can make
 the gateway buffer.
+
+A replica connection is shared by many clients, so there the connection-level credit goes back
+as DATA arrives (`credit_on_receipt`), and only the stream's credit waits for the forwarding:
+what a stalled client holds is its own streams' windows (`--replica-stream-window` each), never
+the connection window the other clients' streams need.
 """
 
 from __future__ import annotations
@@ -55,8 +60,11 @@ class H2Conn(asyncio.Protocol):
     rx_index: int
     errors: Any  # the Counter of HTTP/2 protocol errors, by peer and kind
 
+    credit_on_receipt = False  # connection credit as DATA arrives (shared replica connections)
+
     def __init__(self, relay: RelaySettings, *, name: str,
-                 connection_window: int | None = None) -> None:
+                 connection_window: int | None = None,
+                 stream_window: int | None = None) -> None:
         self.relay = relay
         self.name = name
         self.transport: asyncio.Transport | None = None
@@ -71,15 +79,19 @@ class H2Conn(asyncio.Protocol):
         self.peer_max_frame = fr.DEFAULT_MAX_FRAME_SIZE
         self.peer_max_streams = 2**31
         # receive side
-        self._stream_window = relay.stream_window
+        self._stream_window = stream_window or relay.stream_window
         self._conn_window = connection_window or relay.connection_window
-        self._stream_credit_at = min(relay.stream_window // 4, CREDIT_BATCH)
+        self._stream_credit_at = min(self._stream_window // 4, CREDIT_BATCH)
         self._conn_credit_at = min(self._conn_window // 4, CREDIT_BATCH)
         self._pending_conn_credit = 0
         self._pending_stream_credit: dict[int, int] = {}
         self._outstanding = 0  # DATA bytes received and not yet credited back
         self._block: tuple[int, int, list[bytes]] | None = None  # (sid, flags, chunks)
         self._block_size = 0
+        # The peer does not read (its socket buffer is full): what is written its way is
+        # credited to the source only once it reads again (`return_deferred_credit`).
+        self.paused = False
+        self.deferred: list[tuple[H2Conn, int, int]] = []
 
     # ---- output ----------------------------------------------------------------------------
 
@@ -116,15 +128,12 @@ class H2Conn(asyncio.Protocol):
         self.mark()
 
     def credit(self, sid: int, n: int) -> None:
-        """Returns receive credit for `n` bytes of stream `sid` (0: connection only)."""
+        """Returns receive credit for `n` bytes of stream `sid` (0: connection only); with
+        `credit_on_receipt` the connection's part went back on arrival already."""
         if n <= 0:
             return
-        self._pending_conn_credit += n
-        if self._pending_conn_credit >= self._conn_credit_at:
-            self.out.append(fr.window_update(0, self._pending_conn_credit))
-            self._outstanding -= self._pending_conn_credit
-            self._pending_conn_credit = 0
-            self.mark()
+        if not self.credit_on_receipt:
+            self._credit_connection(n)
         if sid:
             pending = self._pending_stream_credit.get(sid, 0) + n
             if pending >= self._stream_credit_at:
@@ -132,6 +141,14 @@ class H2Conn(asyncio.Protocol):
                 pending = 0
                 self.mark()
             self._pending_stream_credit[sid] = pending
+
+    def _credit_connection(self, n: int) -> None:
+        self._pending_conn_credit += n
+        if self._pending_conn_credit >= self._conn_credit_at:
+            self.out.append(fr.window_update(0, self._pending_conn_credit))
+            self._outstanding -= self._pending_conn_credit
+            self._pending_conn_credit = 0
+            self.mark()
 
     def forget_credit(self, sid: int) -> None:
         self._pending_stream_credit.pop(sid, None)
@@ -186,6 +203,7 @@ class H2Conn(asyncio.Protocol):
         on_data = self.on_data
         run: list[memoryview] = []
         run_sid = 0
+        received = self._outstanding
         for ftype, flags, sid, payload, flow_len in self.reader.feed(data):
             if ftype == 0 and sid and self._block is None:  # DATA: the hot path
                 self._outstanding += flow_len
@@ -220,6 +238,7 @@ class H2Conn(asyncio.Protocol):
                 else:
                     self._block = (sid, flags, [bytes(payload)])
                     self._block_size = len(payload)
+                    self.on_block(started=True)
             elif ftype == fr.CONTINUATION:
                 if self._block is None or self._block[0] != sid:
                     raise fr.ProtocolError(fr.PROTOCOL_ERROR, "unexpected CONTINUATION")
@@ -230,6 +249,7 @@ class H2Conn(asyncio.Protocol):
                 if flags & fr.FLAG_END_HEADERS:
                     bsid, bflags, chunks = self._block
                     self._block = None
+                    self.on_block(started=False)
                     self._headers_done(bsid, bflags, b"".join(chunks))
             elif ftype == fr.WINDOW_UPDATE:
                 inc = fr.parse_u32(payload)
@@ -246,17 +266,20 @@ class H2Conn(asyncio.Protocol):
             elif ftype == fr.RST_STREAM:
                 if not sid:
                     raise fr.ProtocolError(fr.PROTOCOL_ERROR, "RST_STREAM on stream 0")
+                self.on_control(fr.RST_STREAM)
                 self.on_rst(sid, fr.parse_code(payload))
             elif ftype == fr.SETTINGS:
                 if sid:
                     raise fr.ProtocolError(fr.PROTOCOL_ERROR, "SETTINGS on a stream")
                 if flags & fr.FLAG_ACK:
                     continue
+                self.on_control(fr.SETTINGS)
                 self._apply_settings(fr.parse_settings(payload))
             elif ftype == fr.PING:
                 if len(payload) != 8:
                     raise fr.ProtocolError(fr.FRAME_SIZE_ERROR, "PING payload must be 8 bytes")
                 if not flags & fr.FLAG_ACK:
+                    self.on_control(fr.PING)
                     self.send(fr.ping(bytes(payload), ack=True))
             elif ftype == fr.GOAWAY:
                 last, code, debug = fr.parse_goaway(payload)
@@ -266,6 +289,8 @@ class H2Conn(asyncio.Protocol):
             # PRIORITY and unknown frame types are ignored (RFC 9113 sections 5.5, 6.3).
         if run:
             self.on_data_run(run_sid, run)
+        if self.credit_on_receipt and self._outstanding > received:
+            self._credit_connection(self._outstanding - received)
 
     def _apply_settings(self, values: list[tuple[int, int]]) -> None:
         window: int | None = None
@@ -315,6 +340,8 @@ class H2Conn(asyncio.Protocol):
             peer.mark()
         if n < 0:
             self.credit(0, flow_len)
+        elif peer.paused:
+            peer.defer_credit(self, sid, flow_len - len(payload) + n)
         else:
             self.credit(sid, flow_len - len(payload) + n)
 
@@ -326,8 +353,28 @@ class H2Conn(asyncio.Protocol):
             peer.mark()
         if n < 0:
             self.credit(0, sum(map(len, payloads)))
+        elif peer.paused:
+            peer.defer_credit(self, sid, n)
         else:
             self.credit(sid, n)
+
+    def defer_credit(self, source: H2Conn, sid: int, n: int) -> None:
+        """Bytes for this (paused) peer were written: `source` gets the credit on resume."""
+        self.deferred.append((source, sid, n))
+
+    def return_deferred_credit(self) -> None:
+        deferred, self.deferred = self.deferred, []
+        for source, sid, n in deferred:
+            source.credit(sid if source.has_stream(sid) else 0, n)
+
+    def has_stream(self, sid: int) -> bool:
+        return False
+
+    def on_control(self, ftype: int) -> None:
+        """A RST_STREAM, PING or SETTINGS (not an ACK) arrived; may raise ProtocolError."""
+
+    def on_block(self, *, started: bool) -> None:
+        """A header block spanning frames started, or was finished."""
 
     def on_headers(self, sid: int, headers: Headers, end_stream: bool) -> None:
         raise NotImplementedError

@@ -33,6 +33,7 @@ from gateway.config import (
 from gateway.metrics import Metrics
 from gateway.relay.backend import Upstream
 from gateway.relay.call import Call
+from gateway.relay.guard import Abuse
 from gateway.replicas.registry import Registry, Snapshot
 from gateway.routing import pick as picking
 from gateway.routing.key import authority_name
@@ -97,6 +98,7 @@ class Hub:
         self.upstreams: dict[str, Upstream] = {
             self.control_id: Upstream(self, self.control_id, control, relay)
         }
+        self.abuse = Abuse(relay, metrics)  # connection counts, client limits (guard.py)
         self.clients: set[ClientConn] = set()
         self.no_clients = asyncio.Event()
         self.no_clients.set()
@@ -301,6 +303,18 @@ class Hub:
         """A dial failed, or a connection with calls open broke: eject the replica."""
         if replica_id != self.control_id:
             self._eject(replica_id, reason)
+
+    def replica_dead(self, replica_id: str, reason: str) -> int:
+        """The replica stopped answering (the prober's verdict): its connections are dropped and
+        each call open on them ends as on a lost connection, UNAVAILABLE naming the replica,
+        with `reason`. Returns how many calls were open."""
+        upstream = self.upstreams.get(replica_id)
+        ended = 0
+        for conn in list(upstream.conns if upstream is not None else ()):
+            ended += len(conn.calls)
+            conn.abort()  # the transport's own report of the loss, later, finds nothing left
+            conn.connection_lost(ConnectionAbortedError(reason))
+        return ended
 
     def store_pong(self, pool: str, body: bytes) -> None:
         self.pools[pool].pong = body

@@ -42,6 +42,9 @@ class RecordingTransport:
         if self.keep:
             self.data += data
 
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
     def get_extra_info(self, name: str) -> object:
         return ("127.0.0.1", 5555) if name == "peername" else None
 

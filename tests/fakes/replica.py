@@ -56,6 +56,7 @@ UPLOAD_DONE = b"upload-done"
 SESSION_END = b"session-end"  # last Session frame, sent after the client's EOF
 LOCAL_SESSION_PREFIX = "local-sessionid:"
 ECHO_ERROR_DEFAULT = 40 * 1024
+DOWNLOAD_CHUNK = 64 * 1024
 
 HISTORY_STARTED, HISTORY_COMPLETE, HISTORY_DELETED = 0, 1, 2
 
@@ -394,6 +395,7 @@ class FakeReplica:
             HEALTH + "Watch": (us, self._health_watch),
             ECHO + "Unary": (uu, self._echo_unary),
             ECHO + "ServerStream": (us, self._echo_server_stream),
+            ECHO + "Download": (us, self._echo_download),
             ECHO + "ClientStream": (su, self._echo_client_stream),
             ECHO + "Bidi": (ss, self._echo_bidi),
             ECHO + "Error": (uu, self._echo_error),
@@ -711,6 +713,16 @@ class FakeReplica:
                           context: grpc.aio.ServicerContext) -> bytes:
         context.set_trailing_metadata(self._echo_trailers(call))
         return request
+
+    async def _echo_download(self, call: _Call, request: bytes,
+                             context: grpc.aio.ServicerContext) -> None:
+        """A large server stream, as containerd's Content.Read of a blob: the request is the
+        size as 8 bytes big-endian; the answer comes in 64 KiB messages."""
+        left = int.from_bytes(request[:8], "big")
+        chunk = b"d" * DOWNLOAD_CHUNK
+        while left > 0:
+            await context.write(chunk[:left])
+            left -= DOWNLOAD_CHUNK
 
     async def _echo_server_stream(self, call: _Call, request: bytes,
                                   context: grpc.aio.ServicerContext) -> None:

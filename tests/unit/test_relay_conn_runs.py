@@ -196,3 +196,25 @@ async def test_client_credit_follows_what_was_forwarded_in_small_batches() -> No
     assert forwarded == sent
     assert all(inc >= CREDIT_BATCH
                for inc in _window_updates(bytes(relay.client_tx.data), SESSION))
+
+
+async def test_a_client_that_does_not_read_holds_its_streams_credit_not_the_connections() -> None:
+    """Downloads toward a client with no window: the replica gets its connection credit back
+    at once (the shared connection keeps flowing for everyone else), its stream credit only
+    once the client takes the bytes."""
+    relay = wired_relay(replica_frames=fr.settings([]),
+                        client_settings=[(fr.SETTINGS_INITIAL_WINDOW_SIZE, 0)])
+    opening = sum(_window_updates(bytes(relay.backend_tx.data), 0))  # the preface's
+    received = 0
+    for _ in range(16):  # 16 x 16 KiB on the Session's stream, none of it can go on
+        relay.backend.data_received(fr.frame(fr.DATA, 0, relay.bsid, bytes(16384)))
+        received += 16384
+    flush_dirty()
+    assert relay.client.sched.queued_bytes(SESSION) == received
+    assert sum(_window_updates(bytes(relay.backend_tx.data), 0)) - opening == received
+    assert sum(_window_updates(bytes(relay.backend_tx.data), relay.bsid)) == 0
+    relay.client.data_received(fr.window_update(SESSION, received)
+                               + fr.window_update(0, received))
+    flush_dirty()
+    assert sum(_window_updates(bytes(relay.backend_tx.data), relay.bsid)) == received
+    assert sum(_window_updates(bytes(relay.backend_tx.data), 0)) - opening == received  # once

@@ -73,6 +73,9 @@ def history_ref(path: str, message: bytes) -> str:
     return decode_ref(message, field=2 if path.endswith("/ListenBuildHistory") else 1)
 
 
+_U64 = (1 << 64) - 1
+
+
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
     result = 0
     shift = 0
@@ -82,8 +85,8 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
         b = buf[pos]
         pos += 1
         result |= (b & 0x7F) << shift
-        if b < 0x80:
-            return result, pos
+        if b < 0x80:  # 64 bits: a 10th byte's higher bits are dropped, as BuildKit's decoders do
+            return result & _U64, pos
         shift += 7
         if shift > 63:
             raise DecodeError("varint too long")
@@ -167,11 +170,13 @@ def decode_solve(buf: bytes) -> SolveInfo:
 
 
 def decode_ref(buf: bytes, *, field: int = 1) -> str:
-    """The Ref of a StatusRequest (field 1) or BuildHistoryRequest (field 2)."""
+    """The Ref of a StatusRequest (field 1) or BuildHistoryRequest (field 2): the last one, as
+    protobuf reads a repeated singular field (and as BuildKit does)."""
+    ref = ""
     for number, _wt, value in fields(buf):
         if number == field:
-            return _text(value, "Ref")
-    return ""
+            ref = _text(value, "Ref")
+    return ref
 
 
 def message_size(prefix: bytes) -> int:

@@ -74,6 +74,12 @@ class SendScheduler:
         self._streams: dict[int, _Out] = {}
         self._blocked: dict[int, None] = {}  # ordered set of streams waiting for window
 
+    def detach(self) -> None:
+        """Drops the callbacks once the connection is gone: they are its bound methods, a
+        cycle that only the cyclic GC would otherwise free (and it may run rarely)."""
+        self.on_sent = _ignore_sent
+        self.on_end = _ignore_end
+
     def open(self, sid: int) -> None:
         self._streams[sid] = _Out(self.initial_window)
 

@@ -233,6 +233,7 @@ class BackendConn(H2Conn):
                 call.client.end_with_error(call, errors.ReplicaLost(reason))
         self.calls.clear()
         flush_dirty()
+        self.sched.detach()  # no cycle left: freed by reference counting alone
 
 
 class Upstream:

@@ -219,6 +219,9 @@ class ClientConn(H2Conn):
         self.calls.clear()
         self.hub.client_closed(self)
         flush_dirty()
+        # No cycles left behind: a closed connection is freed by reference counting alone.
+        self.sched.detach()
+        self.guard = None
 
     def last_stream_id(self) -> int:
         return self.last_sid

@@ -69,8 +69,8 @@ class H2Conn(asyncio.Protocol):
         self.name = name
         self.transport: asyncio.Transport | None = None
         self.reader = fr.FrameReader()
-        self.decoder = self.header_decoder(relay)
         self.max_block = relay.max_header_list  # encoded bytes of one header block
+        self.decoder = self.header_decoder(relay)  # may lower max_block (clients)
         self.sched = SendScheduler(on_sent=self.on_sent, on_end=self.on_end)
         self.out: list[Chunk] = []
         self.dirty = False

@@ -448,3 +448,16 @@ async def test_closed_connections_are_freed_without_the_cyclic_gc() -> None:
           f"of 100 freed)")
     assert not alive
     assert grown < 8 << 20
+
+
+async def test_a_header_block_past_twice_the_request_limit_ends_at_once() -> None:
+    """A client's header block is cut at twice --max-request-header-list (was 16 MiB held per
+    connection, until a timeout that did not exist)."""
+    async with running_replicas(1) as (replica,), running_gateway([replica.address]) as gw:
+        attacker = await Attacker.connect(gateway_port(gw))
+        attacker.send(fr.frame(fr.HEADERS, 0, 1, b"\x00" * 16384)
+                      + fr.frame(fr.CONTINUATION, 0, 1, b"\x00" * 16384) * 15)  # 256 KiB
+        assert await goaway_code(attacker) in (fr.ENHANCE_YOUR_CALM, RESET)
+        await attacker.close()
+        errors = gw.metrics.http2_errors.labels("client", "ENHANCE_YOUR_CALM")._value.get()
+        assert errors == 1

@@ -126,18 +126,7 @@ async def until(pool: Pool, probe: Probe, predicate: Callable[[], bool], what: s
                 timeout: float = STEP_TIMEOUT) -> None:
     """Wait for gateway, cluster or probe state; re-checked on every change of any of them."""
     try:
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                pool.changed.clear()
-                probe.changed.clear()
-                waits = {asyncio.ensure_future(pool.changed.wait()),
-                         asyncio.ensure_future(probe.changed.wait()),
-                         asyncio.ensure_future(pool.controller.next_change())}
-                try:
-                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    for w in waits:
-                        w.cancel()
+        await pool.wait(predicate, timeout, probe.changed)
     except TimeoutError as exc:
         scaler, gw = probe.scaler, pool.gw
         raise TimeoutError(

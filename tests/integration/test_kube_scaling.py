@@ -126,18 +126,21 @@ class Pool:
     async def until(self, predicate: Callable[[], bool], timeout: float = 20) -> None:
         """Waits for gateway or cluster state, re-checked on every change of either."""
         try:
-            await self._until(predicate, timeout)
+            await self.wait(predicate, timeout)
         except TimeoutError as exc:
             scalers = {n: (s.events, s.victims, s.leaving) for n, s in self.gw.scalers.items()}
             raise TimeoutError(f"not within {timeout}s; scalers {scalers}; controller "
                                f"{self.controller.describe()}") from exc
 
-    async def _until(self, predicate: Callable[[], bool], timeout: float) -> None:
+    async def wait(self, predicate: Callable[[], bool], timeout: float,
+                   *also: asyncio.Event) -> None:
+        """`until` without the diagnosis; `also`: more events that mean a change."""
         async with asyncio.timeout(timeout):
             while not predicate():
-                self.changed.clear()
-                waits = {asyncio.ensure_future(self.changed.wait()),
-                         asyncio.ensure_future(self.controller.next_change())}
+                for event in (self.changed, *also):
+                    event.clear()
+                waits = {asyncio.ensure_future(self.controller.next_change()),
+                         *(asyncio.ensure_future(e.wait()) for e in (self.changed, *also))}
                 try:
                     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 finally:

@@ -18,6 +18,11 @@ _OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE),
     ("grpc.max_send_message_length", MAX_MESSAGE),
     ("grpc.enable_retries", 0),
+    # A replica that is not up yet (a pod starting) puts its channel in reconnect backoff,
+    # which grows to 120 s by default: probes of it would fail fast long after it listens.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
 

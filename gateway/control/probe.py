@@ -70,9 +70,10 @@ class ReplicaCache:
         for gone in [i for i in self.answers if i not in keep]:
             del self.answers[gone]
 
-    async def stored(self) -> None:
-        """Returns once some replica's answers are stored."""
-        await self._stored.wait()
+    def stored(self) -> Coroutine[Any, Any, bool]:
+        """Completes once some replica's answers are stored after this call (the event is
+        taken now, not when the coroutine first runs, so no store in between is missed)."""
+        return self._stored.wait()
 
 
 def is_dead(failing_since: float | None, now: float, *, dead_after: float,
@@ -144,7 +145,12 @@ class Prober:
             self.wake.clear()
 
     async def probe_all(self) -> None:
-        replicas = self.registry.snapshot.replicas
+        # Pods that are not Ready are not probed unless builds run on them (they take no new
+        # builds; failing probes would only back off their channel): they are, at once, when
+        # they turn Ready.
+        busy = {record.replica for record in self.ledger.active()}
+        replicas = tuple(r for r in self.registry.snapshot.replicas
+                         if r.pod_ready or r.id in busy)
         for replica, result in zip(replicas, await asyncio.gather(
                 *(self._probe(r) for r in replicas), return_exceptions=True), strict=True):
             if isinstance(result, Exception):  # a bug, not a replica's answer: log, go on

@@ -1,8 +1,9 @@
 """A pod as the gateway sees it (pure: plain API dicts in, frozen views out).
 
-A pod is a replica when it has an IP and buildkitd's port resolves (a number, or a container
-port name); it takes builds only while its Ready condition is true and it has no
-deletionTimestamp. The replica id is the pod name, so every gateway builds the same ring.
+A pod is a replica when it has an IP, buildkitd's port resolves (a number, or a container
+port name) and it has not finished (Succeeded or Failed, as evicted pods are); it takes builds
+only while its Ready condition is true and it has no deletionTimestamp. The replica id is the
+pod name, so every gateway builds the same ring.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ class PodView:
     terminating: bool  # deletionTimestamp set
     created: str  # creationTimestamp, RFC 3339
     cost: int | None  # the pod-deletion-cost annotation, if set and an integer
+    finished: bool = False  # phase Succeeded or Failed (evicted): it runs nothing any more
 
     def replica(self, pool: str) -> Replica | None:
-        if not self.ip or self.port is None:
+        if not self.ip or self.port is None or self.finished:
             return None
         host = f"[{self.ip}]" if ":" in self.ip else self.ip
         return Replica(id=self.name, address=f"tcp://{host}:{self.port}", pool=pool,
@@ -53,6 +55,7 @@ def pod_view(obj: Mapping[str, Any], port: int | str) -> PodView:
         terminating=meta.get("deletionTimestamp") is not None,
         created=str(meta.get("creationTimestamp") or ""),
         cost=cost,
+        finished=status.get("phase") in ("Succeeded", "Failed"),
     )
 
 

@@ -34,10 +34,13 @@ from gateway.replicas.registry import Registry
 
 log = logging.getLogger("gateway.discovery")
 
-WATCH_SECONDS = 240
+WATCH_SECONDS = 60
 """How long one watch request lasts on the server before it is renewed (jittered)."""
 READ_TIMEOUT = 30.0
-"""Silence past the watch's own end after which the connection counts as lost."""
+"""Silence past the watch's own end after which the connection counts as lost: a silent
+network partition is noticed within about WATCH_SECONDS + READ_TIMEOUT."""
+SHORT_WATCH = 1.0
+"""A watch that ends sooner than this is retried after a backoff, not at once."""
 
 
 class PodWatch:
@@ -61,7 +64,9 @@ class PodWatch:
 
     async def run(self) -> None:
         backoff = self.settings.backoff
+        loop = asyncio.get_running_loop()
         while True:
+            started = loop.time()
             try:
                 if not self.selector:
                     self.selector = await self._deployment_selector()
@@ -69,7 +74,6 @@ class PodWatch:
                     await self._list()
                 await self._watch()
                 self.metrics.watch_restarts.labels(self.pool, "expired").inc()
-                backoff = self.settings.backoff
             except Gone:
                 log.info("pod watch too old; listing again", extra={"pool": self.pool})
                 self.metrics.watch_restarts.labels(self.pool, "gone").inc()
@@ -77,8 +81,17 @@ class PodWatch:
             except API_ERRORS as exc:
                 self.kube.health.failed("watch pods", exc)
                 self.metrics.watch_restarts.labels(self.pool, "error").inc()
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.settings.backoff_max)
+            except Exception as exc:  # a bad event must not end discovery for good
+                log.error("pod watch failed unexpectedly; listing again",
+                          extra={"pool": self.pool, "error": repr(exc)})
+                self.kube.health.failed("watch pods", exc)
+                self.metrics.watch_restarts.labels(self.pool, "error").inc()
+                self.resource_version = ""
+            if loop.time() - started >= SHORT_WATCH and self.kube.health.up:
+                backoff = self.settings.backoff  # a watch that ran: start over
+                continue
+            await asyncio.sleep(backoff)  # failing, or ending at once: never a hot loop
+            backoff = min(backoff * 2, self.settings.backoff_max)
 
     async def _deployment_selector(self) -> str:
         apps = client.AppsV1Api(self.kube.api)
@@ -97,6 +110,7 @@ class PodWatch:
         body = await json_body(response)
         self.kube.health.succeeded()
         self.pods = {}
+        self._unresolved.clear()
         for obj in body.get("items") or ():
             self._store(pod_view(obj, self.workload.port))
         self.resource_version = str((body.get("metadata") or {}).get("resourceVersion", ""))
@@ -113,11 +127,12 @@ class PodWatch:
             timeout_seconds=seconds, _preload_content=False,
             _request_timeout=aiohttp.ClientTimeout(sock_connect=READ_TIMEOUT,
                                                    sock_read=seconds + READ_TIMEOUT)))
+        if response.status == 410:
+            response.release()
+            raise Gone()
+        if response.status != 200:
+            await json_body(response)  # raises with the API's message (and releases)
         try:
-            if response.status == 410:
-                raise Gone()
-            if response.status != 200:
-                await json_body(response)  # raises with the API's message
             self.kube.health.succeeded()
             async for line in response.content:
                 if line.strip():
@@ -131,18 +146,17 @@ class PodWatch:
             if obj.get("code") == 410:
                 raise Gone()
             raise ApiException(status=obj.get("code", 0), reason=obj.get("message", ""))
-        version = (obj.get("metadata") or {}).get("resourceVersion")
-        if version:
-            self.resource_version = str(version)
-        if kind == "BOOKMARK":
-            return
-        view = pod_view(obj, self.workload.port)
-        if kind == "DELETED":
-            self.pods.pop(view.name, None)
-            self._unresolved.discard(view.name)
-        elif kind in ("ADDED", "MODIFIED"):
-            self._store(view)
-        self._publish()
+        version = str((obj.get("metadata") or {}).get("resourceVersion") or "")
+        if kind != "BOOKMARK":
+            view = pod_view(obj, self.workload.port)
+            if kind == "DELETED":
+                self.pods.pop(view.name, None)
+                self._unresolved.discard(view.name)
+            elif kind in ("ADDED", "MODIFIED"):
+                self._store(view)
+            self._publish()
+        if version:  # only once the event is applied: a watch resumes after it
+            self.resource_version = version
 
     def _store(self, view: PodView) -> None:
         self.pods[view.name] = view

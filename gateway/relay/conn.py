@@ -20,7 +20,9 @@ the gateway buffer.
 A replica connection is shared by many clients, so there the connection-level credit goes back
 as DATA arrives (`credit_on_receipt`), and only the stream's credit waits for the forwarding:
 what a stalled client holds is its own streams' windows (`--replica-stream-window` each), never
-the connection window the other clients' streams need.
+the connection window the other clients' streams need. What a replica makes the gateway buffer
+is then bounded by its streams' windows, not by the connection window (the replica is trusted
+to honour them).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ log = logging.getLogger("gateway.relay")
 # default window: a peer that has not applied our SETTINGS yet gets its stream credit only once
 # it has, which is harmless, as both hops send SETTINGS (and the connection's extra window) first.
 CREDIT_BATCH = 1 << 16
+
+GOAWAY_LINGER = 5.0  # seconds a connection ended with GOAWAY may take to read the rest
 
 _dirty: list[H2Conn] = []
 
@@ -157,11 +161,14 @@ class H2Conn(asyncio.Protocol):
         return fr.header_block(sid, block, end_stream=end_stream, max_frame=self.peer_max_frame)
 
     def goaway(self, code: int, message: str, last_sid: int = 0) -> None:
+        """Sends GOAWAY and closes; a peer that does not read what is left is cut off after
+        GOAWAY_LINGER seconds (a closing transport waits for its buffer to drain)."""
         if self.closed:
             return
         self.out.append(fr.goaway(last_sid, code, message.encode()[:256]))
         self.flush()
         self.close()
+        asyncio.get_running_loop().call_later(GOAWAY_LINGER, self.abort)
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:

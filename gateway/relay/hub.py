@@ -356,7 +356,7 @@ class Hub:
         if not placed.internal:
             policy = self.pools[pool].settings.loadbalance if pool in self.pools else ""
             self.metrics.placements.labels(pool, policy, placed.outcome.value).inc()
-            self.on_demand(pool)
+        self.on_demand(pool)  # internal builds too: they keep their replica busy
         log.debug("build placed", extra={"ref": placed.ref, "replica": placed.replica,
                                          "internal": placed.internal,
                                          "outcome": placed.outcome.value})
@@ -374,7 +374,7 @@ class Hub:
             self._count_finished(record, result)
             if not record.internal:
                 self.schedule_admission()
-                self.on_demand(self.pool_of(record.replica))
+            self.on_demand(self.pool_of(record.replica))
 
     def _count_finished(self, record: BuildRecord, result: str) -> None:
         pool = self.pool_of(record.replica)

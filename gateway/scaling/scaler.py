@@ -11,10 +11,12 @@ count, and carries it out:
   (`decision.victims`), stop placing on them (`draining` in the registry, at once, before any
   I/O; a connection bound to a victim may still put its next build there), set
   `controller.kubernetes.io/pod-deletion-cost` low on them and high on busy pods, look again
-  (a victim that got busy meanwhile keeps its build and is spared), then lower the count:
-  never below the busy replicas. Until the count is lowered, victims that demand needs again
-  are taken back. Once it is, they are `leaving`: nothing new goes to them, not even a bound
-  build, since the ReplicaSet controller may delete them at any moment. A leaving pod that is
+  (a victim that got busy meanwhile keeps its build and is spared), mark the rest `leaving`
+  (nothing new goes to them from then on, not even a bound build, since the ReplicaSet
+  controller may delete them as soon as the count is lower), then lower the count: never below
+  the busy replicas. No scale-down while a busy pod is not Ready (the ReplicaSet controller
+  removes pods that are not Ready first, whatever their cost). Until they are leaving, victims
+  that demand needs again are taken back, and lose their low cost. A leaving pod that is
   still there, not terminating, `LEAVING_GRACE` later was not the one removed (its cost was
   overridden): it is taken back;
 - a timer pokes again when the window lets a lower count take effect.
@@ -81,6 +83,7 @@ class PoolScaler:
         self.last: Decision | None = None
         self.victims: set[str] = set()  # draining, the count not lowered yet
         self.leaving: dict[str, float] = {}  # the count lowered: pod -> when to take it back
+        self._uncost: set[str] = set()  # former victims whose low deletion cost must go
         self.wake = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
         self.events: list[tuple[float, str, int, int]] = []  # (time, direction, from, to)
@@ -116,7 +119,7 @@ class PoolScaler:
     def _live(self) -> set[str]:
         """Pods that stay: not terminating and not leaving."""
         return {name for name, p in self._pods().items()
-                if not p.terminating and name not in self.leaving}
+                if not p.terminating and not p.finished and name not in self.leaving}
 
     def _victims_stale(self) -> bool:
         return bool(self.victims - self._live()) or (
@@ -124,7 +127,8 @@ class PoolScaler:
             and self.last.replicas >= self.current)
 
     def _view(self, busy: frozenset[str]) -> list[decision.Pod]:
-        return [decision.Pod(p.name, p.ready, p.terminating or p.name in self.leaving,
+        return [decision.Pod(p.name, p.ready,
+                             p.terminating or p.finished or p.name in self.leaving,
                              p.created, busy=p.name in busy) for p in self._pods().values()]
 
     def _publish_starting(self) -> None:
@@ -165,30 +169,41 @@ class PoolScaler:
         d = self._decide(current)
         busy = self._demand(self.pool).busy
         pods = self._view(busy)
-        chosen = self._choose(pods, d.replicas)
+        # Down only by idle victims, and not while a busy pod is not Ready: the ReplicaSet
+        # controller removes pods that are not Ready before any deletion cost counts.
+        down = d.replicas < current and not any(p.busy and not p.ready and not p.terminating
+                                                for p in pods)
+        chosen = self._choose(pods, d.replicas) if down else set()
         self._drain(chosen)
+        spared: set[str] = set()
         if chosen:
             await self._set_costs(decision.deletion_costs(pods, chosen))
             # Look again after the awaits: a victim that got a (bound) build keeps it.
-            busy = self._demand(self.pool).busy
-            spared = {v for v in chosen if v in busy}
+            spared = chosen & self._demand(self.pool).busy
             if spared:
                 log.info("scale-down victim got busy; spared", extra={
                     "pool": self.pool, "pods": ",".join(sorted(spared))})
-                self._drain(chosen - spared)
-                await self._set_costs({name: decision.BUSY_COST for name in spared})
                 chosen -= spared
+                self._drain(chosen)
         live = self._live()
+        busy = self._demand(self.pool).busy
         if d.replicas >= current:
             target = d.replicas
+        elif not down:
+            target = current
         else:  # down by the victims only: never a pod that was not chosen, never a busy one
             target = max(d.replicas, len(live) - len(chosen), len(busy & live))
         if target != current:
-            await self._apps.patch_namespaced_deployment_scale(
-                self.workload.deployment, self.namespace, {"spec": {"replicas": target}})
+            if target < current:
+                self._leave(chosen)  # from now on nothing, not even a bound build, goes there
+            try:
+                await self._apps.patch_namespaced_deployment_scale(
+                    self.workload.deployment, self.namespace, {"spec": {"replicas": target}})
+            except BaseException:
+                if target < current:
+                    self._stay(chosen)  # still victims: chosen again, or taken back, next time
+                raise
             direction = "up" if target > current else "down"
-            if direction == "down":
-                self._leave(chosen)
             self.current = target
             self.metrics.scaler_current.labels(self.pool).set(target)
             self.metrics.scale_events.labels(self.pool, direction).inc()
@@ -197,6 +212,10 @@ class PoolScaler:
             log.info("scaled", extra={"pool": self.pool, "direction": direction,
                                       "from": current, "to": target, "wanted": d.wanted,
                                       "victims": ",".join(sorted(chosen))})
+        # Pods that are no victims any more lose their low cost; spared ones are busy.
+        uncost, self._uncost = self._uncost - self.victims - set(self.leaving), set()
+        await self._set_costs({**{name: None for name in uncost},
+                               **{name: decision.BUSY_COST for name in spared}})
         self._publish_starting()
 
     def _choose(self, pods: list[decision.Pod], replicas: int) -> set[str]:
@@ -210,7 +229,7 @@ class PoolScaler:
         return set(kept) | set(decision.victims(others, len(others) - (extra - len(kept))))
 
     def _leave(self, chosen: set[str]) -> None:
-        """The count was lowered with these victims: nothing new goes to them now."""
+        """The count is being lowered with these victims: nothing new goes to them now."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + LEAVING_GRACE
         for name in sorted(chosen):
@@ -219,6 +238,13 @@ class PoolScaler:
         self.victims -= chosen
         if chosen:
             loop.call_at(deadline, self.wake.set)
+
+    def _stay(self, chosen: set[str]) -> None:
+        """Lowering the count failed: the victims are only draining again."""
+        for name in sorted(chosen):
+            self.registry.update(name, leaving=False)
+            self.leaving.pop(name, None)
+        self.victims |= chosen
 
     def _expire_leaving(self) -> None:
         """Forgets leaving pods that are gone; takes back those not removed in time."""
@@ -233,6 +259,7 @@ class PoolScaler:
                 log.warning("scale-down victim was not removed; taken back",
                             extra={"pool": self.pool, "pod": name})
                 self.registry.update(name, leaving=False, draining=False)
+                self._uncost.add(name)
 
     def _drain(self, chosen: set[str]) -> None:
         """Victims take no new builds; former victims that are not needed gone come back."""
@@ -241,15 +268,18 @@ class PoolScaler:
             self.registry.update(name, draining=True)
         for name in sorted((self.victims - chosen) & live):
             self.registry.update(name, draining=False)
+            self._uncost.add(name)
         self.victims = set(chosen)
 
-    async def _set_costs(self, costs: Mapping[str, int]) -> None:
+    async def _set_costs(self, costs: Mapping[str, int | None]) -> None:
+        """Sets each pod's deletion cost (None: removes the annotation) where it differs."""
         pods = self._pods()
         for name, cost in sorted(costs.items()):
             pod = pods.get(name)
             if pod is None or pod.cost == cost or pod.terminating:
                 continue
-            body: dict[str, Any] = {"metadata": {"annotations": {DELETION_COST: str(cost)}}}
+            value = None if cost is None else str(cost)
+            body: dict[str, Any] = {"metadata": {"annotations": {DELETION_COST: value}}}
             await self._core.patch_namespaced_pod(name, self.namespace, body)
 
     def document(self, now: float) -> dict[str, Any]:

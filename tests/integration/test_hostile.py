@@ -100,6 +100,7 @@ async def test_an_hpack_bomb_ends_only_the_attackers_connection() -> None:
     async with running_replicas(1) as (replica,), running_gateway([replica.address]) as gw:
         async with innocent_build(gw):
             await until_uploading(replica)
+            before = rss()
             attacker = await Attacker.connect(gateway_port(gw))
             encoder = hpack.Encoder()  # indexes the large field once, then refers to it
             bomb = encoder.encode(request_headers(*[(b"x-bomb", b"a" * 4000)] * 4000))
@@ -111,6 +112,7 @@ async def test_an_hpack_bomb_ends_only_the_attackers_connection() -> None:
             _last, code, debug = fr.parse_goaway(memoryview(goaway[2]))
             assert code == fr.COMPRESSION_ERROR, debug
             assert b"decodes to more than" in debug
+            assert rss() - before < 32 << 20  # it stopped at 16 x 8 KB, not 16 MB
         assert ejections(gw) == 0  # the shared replica connection was never reset
         assert replica.refs_seen()  # the innocent build reached it
 
@@ -257,12 +259,15 @@ async def test_rapid_reset_gets_enhance_your_calm_and_the_loop_stays_responsive(
             burst = b"".join(
                 fr.header_block(sid, block, end_stream=False, max_frame=16384)
                 + fr.rst_stream(sid, fr.CANCEL) for sid in range(1, 2 * 20_000, 2))
+            before = rss()
             attacker.send(burst)  # 20,000 streams opened and reset at once
             during = await list_workers_latency(port)
             code = await goaway_code(attacker)
+            grown = rss() - before
             await attacker.close()
         assert code in (fr.ENHANCE_YOUR_CALM, RESET)
         assert limits(gw, "resets") == 1
+        assert grown < 64 << 20
         forwarded = len(replica.calls("Hang"))
     print(f"\nrapid reset: {forwarded} of 20000 reached the replica; ListWorkers "
           f"{during * 1000:.1f} ms during (alone {alone * 1000:.1f} ms)")
@@ -273,13 +278,15 @@ async def test_rapid_reset_gets_enhance_your_calm_and_the_loop_stays_responsive(
 async def test_ping_and_settings_floods_end_the_connection() -> None:
     async with running_replicas(1) as (replica,), running_gateway([replica.address]) as gw:
         port = gateway_port(gw)
-        for flood, kind in ((fr.ping(b"12345678") * 20_000, "pings"),
+        for flood, kind in ((fr.ping(b"12345678") * 200_000, "pings"),
                             (fr.settings([(fr.SETTINGS_ENABLE_PUSH, 0)]) * 200, "settings")):
+            before = rss()
             attacker = await Attacker.connect(port)
-            attacker.send(flood)
+            attacker.send(flood)  # never reading the answers
             assert await goaway_code(attacker) in (fr.ENHANCE_YOUR_CALM, RESET)
             await attacker.close()
             assert limits(gw, kind) == 1
+            assert rss() - before < 32 << 20  # was 559 MB of buffered PING ACKs for 5M
         async with client_build(gw) as out:
             assert out.ok, out.error
 

@@ -483,10 +483,16 @@ def _read_yaml(path: str) -> Mapping[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config file {path} is not UTF-8 text: {exc}") from exc
+    except ValueError as exc:  # a NUL in the path
+        raise ConfigError(f"cannot read config file {path!r}: {exc}") from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # PyYAML's constructors: a bad date, an
+        # integer past Python's digit limit; nesting past the recursion limit
+        raise ConfigError(f"config file {path} has a value YAML cannot read: "
+                          f"{type(exc).__name__}: {str(exc)[:200]}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -522,7 +528,7 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
                 values[opt.key] = tuple(opt.convert(item) for item in items)
             else:
                 values[opt.key] = opt.convert(raw)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise ConfigError(f"invalid {opt.flag} from {source}: {exc}") from exc
     default = _default_pool(values)
     extra = _extra_pools(file_values.get("pools"), values, config_path or "")
@@ -594,7 +600,7 @@ def _pool(item: Any, where: str, top: Mapping[str, Any]) -> PoolSettings:
     def convert(key: str, fn: Callable[[Any], Any], value: Any) -> Any:
         try:
             return fn(value)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise ConfigError(f"invalid {key} in {where} ({name}): {exc}") from exc
 
     def one(key: str, fallback: Any) -> Any:

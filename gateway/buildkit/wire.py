@@ -74,6 +74,7 @@ def history_ref(path: str, message: bytes) -> str:
 
 
 _U64 = (1 << 64) - 1
+_MAX_FIELD = (1 << 29) - 1  # the largest protobuf field number
 
 
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
@@ -101,6 +102,8 @@ def fields(buf: bytes) -> Iterator[tuple[int, int, int | bytes]]:
         number, wtype = key >> 3, key & 7
         if number == 0:
             raise DecodeError("field number 0")
+        if number > _MAX_FIELD:  # invalid; BuildKit's decoders would wrap it to another field
+            raise DecodeError(f"field number {number} above {_MAX_FIELD}")
         if wtype == 0:
             value, pos = _varint(buf, pos)
             yield number, wtype, value

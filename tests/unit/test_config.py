@@ -333,3 +333,8 @@ pools:
                   "twice.yaml")
     with pytest.raises(ConfigError, match="serves more than one pool"):
         load(["--config", twice], {})
+
+
+def test_a_config_path_with_a_nul_byte_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load(["--config", "gw\0.yaml"], {})

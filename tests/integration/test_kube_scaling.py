@@ -14,11 +14,14 @@ import json
 import os
 import random
 import signal
+import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import yaml
 from kubernetes_asyncio.client import ApiClient
 
@@ -150,7 +153,9 @@ class Pool:
 
 @contextlib.asynccontextmanager
 async def kube_pool(cluster: kube.KubeCluster, *args: str, replicas: int = 0,
-                    auto_ready: bool = True) -> AsyncIterator[Pool]:
+                    auto_ready: bool = True, in_cluster: bool = False) -> AsyncIterator[Pool]:
+    """A namespace with the Deployment, its test controller, and a gateway discovering it:
+    through the kubeconfig's `gateway` context, or `in_cluster` (see `in_cluster_files`)."""
     admin = await kube.api_client(cluster, "admin")
     namespace = await kube.new_namespace(admin)
     await kube.apply_rbac(cluster, namespace, rbac())
@@ -172,16 +177,48 @@ async def kube_pool(cluster: kube.KubeCluster, *args: str, replicas: int = 0,
     try:
         if replicas:
             await controller.wait_for(lambda c: sum(p.ready for p in c.active()) == replicas, 30)
-        async with running_gateway(
-                [], "--kubeconfig", str(cluster.kubeconfig), "--kube-context", "gateway",
-                "--kube-namespace", namespace, "--kube-deployment", DEPLOYMENT,
-                "--kube-port", "buildkitd", *args) as gw:
+        where = () if in_cluster else (
+            "--kubeconfig", str(cluster.kubeconfig), "--kube-context", "gateway",
+            "--kube-namespace", namespace)
+        async with contextlib.AsyncExitStack() as stack:
+            if in_cluster:
+                stack.enter_context(in_cluster_files(cluster, namespace))
+            gw = await stack.enter_async_context(running_gateway(
+                [], *where, "--kube-deployment", DEPLOYMENT, "--kube-port", "buildkitd", *args))
             pool = Pool(gw, controller, admin, namespace, fakes)
             pool.watch_gateway()
             yield pool
     finally:
         await controller.close()
         await admin.close()
+
+
+@contextlib.contextmanager
+def in_cluster_files(cluster: kube.KubeCluster, namespace: str) -> Iterator[None]:
+    """What a pod gets: KUBERNETES_SERVICE_HOST/PORT and the service account's token, CA and
+    namespace files (here the token of the user `gateway`), where the client reads them."""
+    from kubernetes_asyncio.config import incluster_config
+
+    from gateway.discovery import kube as discovery
+
+    with tempfile.TemporaryDirectory() as tmp:
+        files = Path(tmp)
+        (files / "token").write_text("gateway-token")
+        (files / "namespace").write_text(namespace)
+        saved = (incluster_config.SERVICE_TOKEN_FILENAME, incluster_config.SERVICE_CERT_FILENAME,
+                 discovery.SERVICE_ACCOUNT_NAMESPACE, dict(os.environ))
+        incluster_config.SERVICE_TOKEN_FILENAME = str(files / "token")
+        incluster_config.SERVICE_CERT_FILENAME = str(cluster.dir / "pki" / "ca.crt")
+        discovery.SERVICE_ACCOUNT_NAMESPACE = str(files / "namespace")
+        os.environ.update(KUBERNETES_SERVICE_HOST="127.0.0.1",
+                          KUBERNETES_SERVICE_PORT=str(cluster.port))
+        try:
+            yield
+        finally:
+            (incluster_config.SERVICE_TOKEN_FILENAME, incluster_config.SERVICE_CERT_FILENAME,
+             discovery.SERVICE_ACCOUNT_NAMESPACE, environ) = saved
+            os.environ.clear()
+            os.environ.update(environ)
 
 
 def scaling(*, window: str, max_replicas: int = 3) -> tuple[str, ...]:
@@ -338,6 +375,8 @@ async def test_builds_flow_through_an_api_outage_and_the_pods_converge_after(
             await pool.until(lambda: restarts.labels("default", "error")._value.get()
                              >= errors_before + 3, timeout=30)
             assert pool.gw.kube is not None and not pool.gw.kube.health.up
+            assert pool.gw.metrics.kube_api_up._value.get() == 0
+            assert (await api_status(pool.gw))["kubernetes"]["api"] == "unreachable"
             outs = await asyncio.gather(*(build(pool, i, seconds=0.1) for i in range(4)))
             assert all(o.ok for o in outs), [o.error for o in outs if not o.ok]
             # As after a partition long enough for the history to be compacted past it: the
@@ -355,3 +394,97 @@ async def test_builds_flow_through_an_api_outage_and_the_pods_converge_after(
               f"{restarts.labels('default', 'error')._value.get() - errors_before:.0f}, "
               f"gone +{restarts.labels('default', 'gone')._value.get() - gone_before:.0f}")
 
+
+
+async def api_status(gw: Gateway) -> dict[str, Any]:
+    assert gw.admin is not None
+    async with aiohttp.ClientSession() as session, session.get(
+            f"http://127.0.0.1:{gw.admin.port}/api/status") as response:
+        document: dict[str, Any] = await response.json()
+        return document
+
+
+async def test_in_cluster_the_service_account_and_its_namespace_are_used(
+        kube_cluster: kube.KubeCluster) -> None:
+    async with kube_pool(kube_cluster, replicas=1, in_cluster=True) as pool:
+        await pool.until(lambda: len(pool.gw.registry.snapshot.placeable()) == 1)
+        assert pool.gw.watches["default"].namespace == pool.namespace  # from the pod's file
+        out = await build(pool, 0)
+        assert out.ok, out.error
+        assert out.replica in pool.controller.pods
+
+
+async def test_a_pod_that_turns_not_ready_finishes_its_build_and_takes_no_new_one(
+        kube_cluster: kube.KubeCluster) -> None:
+    async with kube_pool(kube_cluster, replicas=2) as pool:
+        await pool.until(lambda: len(pool.gw.registry.snapshot.placeable()) == 2)
+        running = asyncio.create_task(build(pool, 0, seconds=3))
+        await pool.until(lambda: len(pool.gw.ledger.loads()) == 1)
+        leaving = next(iter(pool.gw.ledger.loads()))
+        await pool.controller.set_ready(leaving, False)
+        await pool.until(lambda: not pool.gw.registry.snapshot.by_id[leaving].placeable)
+        later = await asyncio.gather(*(build(pool, i) for i in range(1, 7)))
+        assert all(o.ok for o in later), [o.error for o in later if not o.ok]
+        assert {o.replica for o in later} == set(pool.gw.registry.snapshot.placeable())
+        assert leaving not in {o.replica for o in later}
+        out = await running
+        assert out.ok and out.replica == leaving, out.error
+
+
+async def test_two_pools_each_scale_their_own_deployment_from_zero(
+        kube_cluster: kube.KubeCluster, tmp_path: Path) -> None:
+    """One Deployment per CPU architecture, served as two pools (the buildx builder with a
+    node per platform): each pool's builds start and run on its own Deployment's pods."""
+    arm = f"{DEPLOYMENT}-arm64"
+    admin = await kube.api_client(kube_cluster, "admin")
+    namespace = await kube.new_namespace(admin)
+    docs = list(yaml.safe_load_all(rbac()))
+    for doc in docs:  # the Role names every scaled Deployment, as the manifest says
+        for rule in doc.get("rules", ()):
+            if "resourceNames" in rule:
+                rule["resourceNames"].append(arm)
+    await kube.apply_rbac(kube_cluster, namespace, yaml.safe_dump_all(docs))
+    fakes: dict[str, FakeReplica] = {}
+
+    async def start_replica(pod: str, ip: str, port: int) -> None:
+        fakes[pod] = FakeReplica(pod)
+        await fakes[pod].start(ip, port)
+
+    async def stop_replica(pod: str) -> None:
+        await fakes[pod].stop(grace=0)
+
+    controllers = [await kube.TestController.start(
+        admin, namespace, name, port=kube.free_port(), start_replica=start_replica,
+        stop_replica=stop_replica) for name in (DEPLOYMENT, arm)]
+    config_file = tmp_path / "gateway.yaml"
+    config_file.write_text(yaml.safe_dump({"pools": [
+        {"name": "arm64", "kube-deployment": arm, "authority": ["arm64.builders.example"],
+         "max-replicas": 2}]}))
+    try:
+        async with running_gateway(
+                [], "--config", str(config_file), "--kubeconfig", str(kube_cluster.kubeconfig),
+                "--kube-context", "gateway", "--kube-namespace", namespace,
+                "--kube-deployment", DEPLOYMENT, "--kube-port", "buildkitd",
+                *scaling(window="60s", max_replicas=2)) as gw:
+            port = gateway_port(gw)
+
+            async def build_on(authority: str | None, i: int) -> buildflow.BuildOutcome:
+                t = await connect("grpc-go", port, authority=authority)
+                try:
+                    return await buildflow.build(t, context_dir=f"/src/{i}", node_id=node_id(),
+                                                 timeout=60)
+                finally:
+                    await t.close()
+
+            outs = await asyncio.gather(*(build_on(None, i) for i in range(3)),
+                                        *(build_on("arm64.builders.example", i)
+                                          for i in range(3, 6)))
+            assert all(o.ok for o in outs), [o.error for o in outs if not o.ok]
+            assert {o.replica for o in outs[:3]} <= set(controllers[0].ips)
+            assert {o.replica for o in outs[3:]} <= set(controllers[1].ips)
+            assert [c.spec_replicas for c in controllers] == [2, 2]
+            assert set(gw.scalers) == {"default", "arm64"}
+    finally:
+        for controller in controllers:
+            await controller.close()
+        await admin.close()

@@ -184,8 +184,7 @@ class ClientConn(H2Conn):
         """The client's socket buffer is past WRITE_BUFFER_HIGH: it does not read. Read no
         more from it, and credit no more of its downloads to the replicas, until it does."""
         self.paused = True
-        if self.transport is not None and not self.closed:
-            self.transport.pause_reading()
+        self.pause_input("write")
         if self.guard is not None:
             self.guard.writing_paused()
 
@@ -193,8 +192,7 @@ class ClientConn(H2Conn):
         self.paused = False
         if self.guard is not None:
             self.guard.writing_resumed()
-        if self.transport is not None and not self.closed:
-            self.transport.resume_reading()
+        self.resume_input("write")
         self.return_deferred_credit()
         flush_dirty()
 

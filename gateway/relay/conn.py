@@ -42,6 +42,7 @@ log = logging.getLogger("gateway.relay")
 # default window: a peer that has not applied our SETTINGS yet gets its stream credit only once
 # it has, which is harmless, as both hops send SETTINGS (and the connection's extra window) first.
 CREDIT_BATCH = 1 << 16
+FRAMES_PER_TURN = 1000  # frames of one read handled in one turn of the event loop
 
 GOAWAY_LINGER = 5.0  # seconds a connection ended with GOAWAY may take to read the rest
 
@@ -96,6 +97,8 @@ class H2Conn(asyncio.Protocol):
         # credited to the source only once it reads again (`return_deferred_credit`).
         self.paused = False
         self.deferred: list[tuple[H2Conn, int, int]] = []
+        self._input_paused: set[str] = set()  # why reading is paused ("slice", "write")
+        self._later: tuple[list[fr.Frame], int] | None = None  # the rest of a long read
 
     # ---- output ----------------------------------------------------------------------------
 
@@ -189,29 +192,73 @@ class H2Conn(asyncio.Protocol):
         try:
             self.process(data)
         except fr.ProtocolError as exc:
-            self.errors.labels(self.role, fr.ERROR_NAMES.get(exc.code, hex(exc.code))).inc()
-            log.warning(
-                "http2 protocol error",
-                extra={"conn": self.name, "role": self.role, "code": fr.ERROR_NAMES.get(exc.code),
-                       "error": str(exc)},
-            )
-            self.on_protocol_error(exc)
-            self.goaway(exc.code, str(exc), self.last_stream_id())
+            self._protocol_error(exc)
         flush_dirty()
 
+    def _protocol_error(self, exc: fr.ProtocolError) -> None:
+        self.errors.labels(self.role, fr.ERROR_NAMES.get(exc.code, hex(exc.code))).inc()
+        log.warning(
+            "http2 protocol error",
+            extra={"conn": self.name, "role": self.role, "code": fr.ERROR_NAMES.get(exc.code),
+                   "error": str(exc)},
+        )
+        self.on_protocol_error(exc)
+        self.goaway(exc.code, str(exc), self.last_stream_id())
+
+    def pause_input(self, reason: str) -> None:
+        """Stops reading from the peer until every reason given is withdrawn."""
+        if not self._input_paused and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self._input_paused.add(reason)
+
+    def resume_input(self, reason: str) -> None:
+        self._input_paused.discard(reason)
+        if not self._input_paused and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
     def process(self, data: bytes | memoryview) -> None:
-        """Handles the frames of one read.
+        """Handles the frames of one read (after those of earlier reads still waiting)."""
+        frames = self.reader.feed(data)
+        if self._later is not None:  # the rest of a long read is waiting: keep the order
+            self._later[0].extend(frames)
+            return
+        self._handle(frames, 0)
+
+    def _continue(self) -> None:
+        """The next slice of a long read (see `_handle`)."""
+        if self._later is None or self.closed:
+            return
+        frames, start = self._later
+        self._later = None
+        try:
+            self._handle(frames, start)
+        except fr.ProtocolError as exc:
+            self._protocol_error(exc)
+        if self._later is None:
+            self.resume_input("slice")
+        flush_dirty()
+
+    def _handle(self, frames: list[fr.Frame], start: int) -> None:
+        """Handles frames[start:], at most FRAMES_PER_TURN of them now.
+
+        A read of many small frames (a flood: 256 KiB holds 20,000 RST_STREAMs) is handled in
+        slices, one per turn of the event loop, with reading paused meanwhile, so no connection
+        holds the loop for long. A read of DATA frames never comes near the limit.
 
         DATA is the hot path. Consecutive unpadded DATA frames of one stream that do not end it
         (a flowing upload or download: most frames of most reads) are handed over as one run
         (`on_data_run`); a frame that ends its stream, a padded one, or any other frame first
         hands over the run collected so far, so every stream's frames keep their order.
         """
+        if len(frames) - start > FRAMES_PER_TURN:
+            batch, rest = frames[start:start + FRAMES_PER_TURN], start + FRAMES_PER_TURN
+        else:
+            batch, rest = (frames[start:] if start else frames), 0
         on_data = self.on_data
         run: list[memoryview] = []
         run_sid = 0
         received = self._outstanding
-        for ftype, flags, sid, payload, flow_len in self.reader.feed(data):
+        for ftype, flags, sid, payload, flow_len in batch:
             if ftype == 0 and sid and self._block is None:  # DATA: the hot path
                 self._outstanding += flow_len
                 if self._outstanding > self._conn_window:
@@ -298,6 +345,10 @@ class H2Conn(asyncio.Protocol):
             self.on_data_run(run_sid, run)
         if self.credit_on_receipt and self._outstanding > received:
             self._credit_connection(self._outstanding - received)
+        if rest and not self.closed:
+            self._later = (frames, rest)
+            self.pause_input("slice")
+            asyncio.get_running_loop().call_soon(self._continue)
 
     def _apply_settings(self, values: list[tuple[int, int]]) -> None:
         window: int | None = None

@@ -32,6 +32,7 @@ class RecordingTransport:
         self.keep = keep
         self.data = bytearray()
         self.bytes = 0
+        self.reading = True
 
     def writelines(self, chunks: list[bytes]) -> None:
         for chunk in chunks:
@@ -44,6 +45,12 @@ class RecordingTransport:
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         pass
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
 
     def get_extra_info(self, name: str) -> object:
         return ("127.0.0.1", 5555) if name == "peername" else None

@@ -11,7 +11,7 @@ from gateway import config
 from gateway.h2 import frames as fr
 from gateway.relay.backend import BackendConn
 from gateway.relay.client import ClientConn
-from gateway.relay.conn import CREDIT_BATCH, H2Conn, flush_dirty
+from gateway.relay.conn import CREDIT_BATCH, FRAMES_PER_TURN, H2Conn, flush_dirty
 from tests.fakes.relay_wiring import SESSION, WiredRelay, wired_relay
 
 RELAY = config.load(["--replica", "tcp://127.0.0.1:9"], {}).relay
@@ -218,3 +218,22 @@ async def test_a_client_that_does_not_read_holds_its_streams_credit_not_the_conn
     flush_dirty()
     assert sum(_window_updates(bytes(relay.backend_tx.data), relay.bsid)) == received
     assert sum(_window_updates(bytes(relay.backend_tx.data), 0)) - opening == received  # once
+
+
+async def test_a_read_of_many_small_frames_is_handled_in_slices_in_order() -> None:
+    """3,500 PINGs in one read: 1,000 answered now with reading paused, the rest on the next
+    turns of the event loop, in order, and a read that comes meanwhile waits behind them."""
+    relay = _relay(True)
+    before = bytes(relay.client_tx.data)
+    tx = relay.client_tx
+    relay.client.data_received(b"".join(fr.ping(i.to_bytes(8, "big")) for i in range(3500)))
+
+    def acks() -> list[int]:
+        return [int.from_bytes(f.payload, "big") for f in fr.FrameReader().feed(
+            bytes(tx.data)[len(before):]) if f.type == fr.PING and f.flags & fr.FLAG_ACK]
+
+    assert acks() == list(range(FRAMES_PER_TURN)) and not tx.reading
+    relay.client.data_received(fr.ping((9999).to_bytes(8, "big")))  # arrives meanwhile
+    for _ in range(4):
+        await asyncio.sleep(0)  # one turn of the loop each
+    assert acks() == [*range(3500), 9999] and tx.reading

@@ -38,6 +38,7 @@ from gateway.discovery.watch import PodWatch
 from gateway.metrics import Metrics
 from gateway.relay.client import ClientConn
 from gateway.relay.hub import Hub
+from gateway.relay.tls import ListenerTls
 from gateway.replicas.registry import Registry, Replica
 from gateway.scaling.scaler import Demand, PoolScaler
 
@@ -94,6 +95,7 @@ class Gateway:
             except Exception as exc:  # the client's own ConfigException and file errors
                 raise ConfigError(f"cannot configure the Kubernetes client (--kubeconfig, "
                                   f"--kube-context, in-cluster): {exc}") from exc
+        self.tls = ListenerTls(settings.tls) if settings.tls is not None else None
         workdir = tempfile.mkdtemp(prefix="buildkit-gateway-")
         control_socket = os.path.join(workdir, "control.sock")
         control = ControlServer(self.registry, self.cache, self.channels, self.ledger,
@@ -124,6 +126,8 @@ class Gateway:
                 await prober.probe_all()
                 spawn(prober.run(), "probe replicas")
                 self._scale(spawn, hub)
+                if self.tls is not None:
+                    spawn(self.tls.watch(), "watch tls files")
                 if not self.registry.snapshot.replicas:
                     log.warning("no replicas configured; builds will wait until some are added")
                 if settings.admin.listen is not None:
@@ -229,8 +233,10 @@ class Gateway:
                                                    ep.path)
             self.listening.append(ep)
         else:
-            server = await loop.create_server(lambda: ClientConn(hub, listener=label),
-                                              ep.host, ep.port)
+            tls = self.tls.context if self.tls is not None else None
+            server = await loop.create_server(
+                lambda: ClientConn(hub, listener=label), ep.host, ep.port, ssl=tls,
+                ssl_handshake_timeout=self.settings.relay.handshake_timeout if tls else None)
             port = server.sockets[0].getsockname()[1]
             self.listening.append(Endpoint("tcp", host=ep.host, port=port))
         return server

@@ -221,6 +221,18 @@ class KubeSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsSettings:
+    """TLS on the client listeners (tcp://), terminated by the gateway (relay/tls.py)."""
+
+    cert: str
+    """PEM certificate chain the gateway presents."""
+    key: str
+    """PEM private key of `cert`."""
+    cacert: str
+    """PEM CA bundle that client certificates must chain to; empty: no client certificates."""
+
+
+@dataclass(frozen=True, slots=True)
 class AdminSettings:
     listen: tuple[str, int] | None
     """Host and port of the admin HTTP server (/metrics, /healthz, /readyz, /status), or None."""
@@ -247,6 +259,8 @@ class Settings:
     log: LogSettings
     admin: AdminSettings
     kube: KubeSettings = KubeSettings("", "")
+    tls: TlsSettings | None = None
+    """TLS on the client listeners; None: plain h2c."""
 
     @property
     def pool(self) -> PoolSettings:
@@ -361,6 +375,11 @@ def _load_factor(value: Any) -> float:
 OPTIONS: tuple[Option, ...] = (
     Option("--listen", "client endpoint, tcp://HOST:PORT or unix:///PATH (repeatable)",
            ["tcp://127.0.0.1:1234"], parse_endpoint, True, "ADDR"),
+    Option("--tlscert", "PEM certificate for TLS on the client listeners (with --tlskey)", "",
+           str, metavar="FILE"),
+    Option("--tlskey", "PEM private key of --tlscert", "", str, metavar="FILE"),
+    Option("--tlscacert", "PEM CA bundle: client certificates are then required and "
+           "verified, and name the client", "", str, metavar="FILE"),
     Option("--replica", "static buildkitd replica of the default pool, tcp://HOST:PORT "
            "(repeatable)", [], parse_endpoint, True, "ADDR"),
     Option("--loadbalance", "placement policy: sticky (consistent hashing, warm caches) or "
@@ -667,6 +686,10 @@ def _assemble(v: Mapping[str, Any], pools: tuple[PoolSettings, ...]) -> Settings
         raise ConfigError("--probe-interval and --probe-timeout must be positive")
     if v["connection-window"] < v["stream-window"]:
         raise ConfigError("--connection-window must be at least --stream-window")
+    if bool(v["tlscert"]) != bool(v["tlskey"]):
+        raise ConfigError("--tlscert and --tlskey go together")
+    if v["tlscacert"] and not v["tlscert"]:
+        raise ConfigError("--tlscacert needs --tlscert and --tlskey (TLS on the listener)")
     if v["handshake-timeout"] <= 0 or v["client-write-timeout"] <= 0:
         raise ConfigError("--handshake-timeout and --client-write-timeout must be positive")
     if v["max-request-header-list"] > v["max-header-list"]:
@@ -687,4 +710,5 @@ def _assemble(v: Mapping[str, Any], pools: tuple[PoolSettings, ...]) -> Settings
         log=LogSettings(v["log-format"], v["log-level"]),
         admin=AdminSettings(v["admin-listen"], v["shutdown-grace"]),
         kube=KubeSettings(v["kubeconfig"], v["kube-context"]),
+        tls=TlsSettings(v["tlscert"], v["tlskey"], v["tlscacert"]) if v["tlscert"] else None,
     )

@@ -83,12 +83,22 @@ def document(hub: Hub, *, version: str, started: float, now: float,
             "ready": hub.ready(),
             "draining": hub.draining,
             "clients": len(hub.clients),
+            "client_identities": _identities(hub),
             "streams": dict(sorted(hub.streams.items())),
         },
         "kubernetes": extra.get("kubernetes"),
         "pools": pools,
         "recent_builds": recent,
     }
+
+
+def _identities(hub: Hub, most: int = 50) -> dict[str, int]:
+    """Open connections by client: the certificate's name (mTLS), else the address."""
+    counts: dict[str, int] = {}
+    for conn in hub.clients:
+        who = conn.identity or conn.peer or conn.listener
+        counts[who] = counts.get(who, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:most])
 
 
 def gauges(hub: Hub) -> State:

@@ -32,6 +32,7 @@ from gateway.metrics import UPSTREAM
 from gateway.relay.call import Call
 from gateway.relay.conn import H2Conn, flush_dirty
 from gateway.relay.guard import WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW, ClientGuard
+from gateway.relay.tls import identity
 from gateway.routing.pick import Outcome
 from gateway.routing.placement import (
     ConnectionPlacement,
@@ -79,7 +80,8 @@ class ClientConn(H2Conn):
         self.pool = hub.default_pool
         self.pick = hub.picker(self.pool)
         self._tickets: dict[int, int] = {}  # stream of a queued Solve -> admission ticket
-        self.peer = ""
+        self.peer = ""  # the client's address
+        self.identity = ""  # its verified certificate's name (mTLS)
         self._preface_needed = len(fr.PREFACE)
         self._preface_buf = b""
         self._timer: asyncio.TimerHandle | None = None
@@ -94,12 +96,14 @@ class ClientConn(H2Conn):
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
+        self.identity = identity(transport.get_extra_info("ssl_object"))  # mTLS, else ""
+        named = f" {self.identity}" if self.identity else ""
         if isinstance(peer, tuple):
             self.peer = str(peer[0])
-            self.name = f"client {peer[0]}:{peer[1]}"
+            self.name = f"client{named} {peer[0]}:{peer[1]}"
         else:
             self.peer = ""
-            self.name = f"client {self.listener}"
+            self.name = f"client{named} {self.listener}"
         refused = self.hub.abuse.admit(self.peer)
         if refused is not None:
             self.hub.abuse.report(self.peer, refused, "too many connections",

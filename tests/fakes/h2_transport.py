@@ -96,6 +96,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ssl
 import time
 import urllib.parse
 from collections import Counter
@@ -440,19 +441,26 @@ class H2Transport:
 
     @classmethod
     async def connect(cls, host: str, port: int, *, authority: str | None = None,
-                      unix_path: str | None = None, **options: object) -> H2Transport:
+                      unix_path: str | None = None, tls: ssl.SSLContext | None = None,
+                      **options: object) -> H2Transport:
         """Open the connection and send the preface; does not wait for the server's SETTINGS
-        (calls do). `options` are the keyword arguments of `__init__` (knobs above)."""
+        (calls do). `tls`: TLS first, as that context says (its ALPN offer included, or none,
+        as the buildx remote driver). `options` are the keyword arguments of `__init__`."""
         try:
             if unix_path is not None:
                 reader, writer = await asyncio.open_unix_connection(unix_path)
                 default_authority = "localhost"
             else:
-                reader, writer = await asyncio.open_connection(host, port)
+                reader, writer = await asyncio.open_connection(
+                    host, port, ssl=tls, server_hostname=host if tls else None)
                 default_authority = f"{host}:{port}"
         except OSError as e:
             raise RpcError(UNAVAILABLE, f"connection error: {e}") from None
         return cls(reader, writer, authority or default_authority, **options)  # type: ignore[arg-type]
+
+    def extra_info(self, name: str) -> object:
+        """The connection's transport information (e.g. "ssl_object", "peername")."""
+        return self._writer.get_extra_info(name)
 
     async def __aenter__(self) -> H2Transport:
         return self

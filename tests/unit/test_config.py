@@ -338,3 +338,13 @@ pools:
 def test_a_config_path_with_a_nul_byte_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         load(["--config", "gw\0.yaml"], {})
+
+
+def test_tls_options_go_together() -> None:
+    s = load(["--tlscert", "/c.pem", "--tlskey", "/k.pem", "--tlscacert", "/ca.pem"], {})
+    assert s.tls == config.TlsSettings("/c.pem", "/k.pem", "/ca.pem")
+    assert load([], {}).tls is None
+    with pytest.raises(ConfigError, match="go together"):
+        load(["--tlscert", "/c.pem"], {})
+    with pytest.raises(ConfigError, match="needs --tlscert"):
+        load(["--tlscacert", "/ca.pem"], {})

@@ -82,11 +82,11 @@ class Probe:
 
         def on_enqueue(pool_name, waiter):  # type: ignore[no-untyped-def]
             now = self.loop.time()  # before the hub pokes the scaler
-            ok = enqueue(pool_name, waiter)
-            if ok and not waiter.internal:  # only a Control/Solve is ever queued
+            refused = enqueue(pool_name, waiter)
+            if refused is None and not waiter.internal:  # only a Control/Solve is ever queued
                 self.enqueued.append((now, waiter.ref))
             self.changed.set()
-            return ok
+            return refused
 
         async def on_read(*args: Any, **kwargs: Any) -> Any:
             sent = self.loop.time()

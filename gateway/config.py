@@ -144,6 +144,13 @@ class PoolSettings:
     """:authority host names that select this pool (e.g. arm64.builders.example)."""
     listen: tuple[Endpoint, ...] = ()
     """Extra client endpoints whose connections all go to this pool."""
+    tenant_max_builds: int = 0
+    """Running builds one tenant (client certificate name, else address) may have in the pool;
+    more wait in the queue. 0: no limit."""
+    tenant_max_queue: int = 0
+    """Builds one tenant may have waiting in the pool; one more is refused. 0: no limit."""
+    allow: tuple[str, ...] = ()
+    """Tenants allowed to use the pool; empty: every client."""
     kube: KubeWorkload | None = None
     """Pods discovered in Kubernetes instead of static replicas (None: static)."""
     scaling: ScalingSettings | None = None
@@ -392,6 +399,13 @@ OPTIONS: tuple[Option, ...] = (
            "with RESOURCE_EXHAUSTED", 1000, _count),
     Option("--queue-timeout", "how long a build may wait for a free replica before it is "
            "refused with RESOURCE_EXHAUSTED", "30m", parse_duration, metavar="DUR"),
+    Option("--tenant-max-builds", "running builds one client (its certificate name, else "
+           "its address) may have in a pool; more wait in the queue; 0: no limit", 0, _count),
+    Option("--tenant-max-queue", "builds one client may have waiting in a pool; one more is "
+           "refused with RESOURCE_EXHAUSTED; 0: no limit", 0, _count),
+    Option("--allow", "client allowed to build in the default pool (certificate name, or "
+           "address without mTLS; repeatable); none given: every client", [], str, True,
+           "CLIENT"),
     Option("--session-wait", "how long a Solve waits for its Session to learn its sticky key",
            "1s", parse_duration, metavar="DUR"),
     Option("--hold-timeout", "how long a call may wait for its build's Solve before it is "
@@ -560,7 +574,8 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
 _KUBE_KEYS = ("kube-namespace", "kube-deployment", "kube-selector", "kube-port")
 _SCALING_KEYS = ("min-replicas", "max-replicas", "target-builds", "scale-down-window")
 _POOL_KEYS = {"name", "replica", "loadbalance", "load-factor", "max-builds", "max-queue",
-              "queue-timeout", "authority", "listen", *_KUBE_KEYS, *_SCALING_KEYS}
+              "queue-timeout", "authority", "listen", "tenant-max-builds", "tenant-max-queue",
+              "allow", *_KUBE_KEYS, *_SCALING_KEYS}
 
 
 def _workload(name: str, v: Mapping[str, Any], where: str,
@@ -593,7 +608,9 @@ def _workload(name: str, v: Mapping[str, Any], where: str,
 def _default_pool(v: Mapping[str, Any]) -> PoolSettings:
     kube, scaling = _workload("default", v, "top-level options", v["replica"])
     return PoolSettings("default", v["replica"], v["loadbalance"], v["load-factor"],
-                        v["max-builds"], v["max-queue"], v["queue-timeout"], kube=kube,
+                        v["max-builds"], v["max-queue"], v["queue-timeout"],
+                        tenant_max_builds=v["tenant-max-builds"],
+                        tenant_max_queue=v["tenant-max-queue"], allow=v["allow"], kube=kube,
                         scaling=scaling)
 
 
@@ -631,7 +648,8 @@ def _pool(item: Any, where: str, top: Mapping[str, Any]) -> PoolSettings:
 
     v = {key: one(key, top[key]) for key in ("loadbalance", "load-factor", "max-builds",
                                               "max-queue", "queue-timeout", "kube-namespace",
-                                              "kube-port")}
+                                              "kube-port", "tenant-max-builds",
+                                              "tenant-max-queue")}
     v |= {key: one(key, "") for key in ("kube-deployment", "kube-selector")}
     # Only a pool with a Deployment of its own takes the top-level scaling settings.
     v |= {key: one(key, top[key] if v["kube-deployment"] else _DEFAULTS[key])
@@ -648,6 +666,9 @@ def _pool(item: Any, where: str, top: Mapping[str, Any]) -> PoolSettings:
         queue_timeout=v["queue-timeout"],
         authorities=many("authority", _host),
         listen=many("listen", parse_endpoint),
+        tenant_max_builds=v["tenant-max-builds"],
+        tenant_max_queue=v["tenant-max-queue"],
+        allow=many("allow", str),
         kube=kube,
         scaling=scaling,
     )

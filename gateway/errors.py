@@ -16,6 +16,7 @@ UNKNOWN = 2
 INVALID_ARGUMENT = 3
 DEADLINE_EXCEEDED = 4
 NOT_FOUND = 5
+PERMISSION_DENIED = 7
 RESOURCE_EXHAUSTED = 8
 FAILED_PRECONDITION = 9
 INTERNAL = 13
@@ -99,6 +100,18 @@ class BadRequest(GatewayError):
 
 class RequestHeadersTooLarge(GatewayError):
     """A client's request headers exceed --max-request-header-list."""
+
+    code = RESOURCE_EXHAUSTED
+
+
+class NotAllowed(GatewayError):
+    """The client may not build in this pool (its allow list)."""
+
+    code = PERMISSION_DENIED
+
+
+class TenantQueueFull(GatewayError):
+    """The client already has --tenant-max-queue builds waiting."""
 
     code = RESOURCE_EXHAUSTED
 

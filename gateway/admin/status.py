@@ -56,7 +56,7 @@ def document(hub: Hub, *, version: str, started: float, now: float,
                 "builds": builds,
             })
         queue = [{"ref": w.ref, "position": i, "age_s": round(now - w.enqueued, 3),
-                  "internal": w.internal, "target": w.target}
+                  "internal": w.internal, "target": w.target, "tenant": w.tenant}
                  for i, w in enumerate(state.queue)]
         pools.append({
             "name": name,

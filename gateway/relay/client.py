@@ -78,7 +78,7 @@ class ClientConn(H2Conn):
         self.last_sid = 0
         self.placement: ConnectionPlacement | None = None
         self.pool = hub.default_pool
-        self.pick = hub.picker(self.pool)
+        self.pick = hub.picker(self.pool, "")
         self._tickets: dict[int, int] = {}  # stream of a queued Solve -> admission ticket
         self.peer = ""  # the client's address
         self.identity = ""  # its verified certificate's name (mTLS)
@@ -162,6 +162,11 @@ class ClientConn(H2Conn):
                 return
             data = rest
         super().process(data)
+
+    @property
+    def tenant(self) -> str:
+        """Whose builds these are: the certificate's name (mTLS), else the address."""
+        return self.identity or self.peer or self.listener
 
     def on_control(self, ftype: int) -> None:
         if self.guard is not None:
@@ -324,7 +329,12 @@ class ClientConn(H2Conn):
         if self.placement is None:
             self.placement = self.hub.new_placement(authority=authority, client=self.peer)
             self.pool = self.hub.pool_for(listener=self.listener, authority=authority)
-            self.pick = self.hub.picker(self.pool)
+            self.pick = self.hub.picker(self.pool, self.tenant)
+        if not self.hub.allowed(self.pool, self.tenant):
+            self.end_with_error(call, errors.NotAllowed(
+                f"client {self.tenant} may not build in pool {self.pool} (not in its allow "
+                f"list)"))
+            return
         if end_stream:
             self._client_data(call, b"", 0, True)
         placement = self.placement
@@ -508,14 +518,13 @@ class ClientConn(H2Conn):
             self.rejected(d.stream, errors.ShuttingDown(
                 "the gateway is shutting down and takes no new builds"))
             return
-        waiter = Waiter(d.ref, d.internal, d.key, d.target, 0.0, 0.0, handle=(self, d.stream))
-        if self.hub.enqueue(self.pool, waiter):
+        waiter = Waiter(d.ref, d.internal, d.key, d.target, 0.0, 0.0, handle=(self, d.stream),
+                        tenant=self.tenant)
+        refused = self.hub.enqueue(self.pool, waiter)
+        if refused is None:
             self._tickets[d.stream] = waiter.ticket
-            return
-        queue = self.hub.pools[self.pool].queue
-        self.rejected(d.stream, errors.QueueFull(
-            f"{len(queue)} builds are already waiting for a BuildKit replica of pool "
-            f"{self.pool} (--max-queue {queue.max_queue}); waited 0s"))
+        else:
+            self.rejected(d.stream, refused)
 
     def admitted(self, stream: int, replica: str, outcome: Outcome, waited: float) -> None:
         """Admission found a slot for a queued Solve of this connection."""

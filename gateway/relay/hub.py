@@ -89,9 +89,12 @@ class Hub:
         self.streams: dict[str, int] = {}  # call class -> open client streams
         self._rng = rng or random.Random()
         self.pools: dict[str, PoolState] = {
-            p.name: PoolState(p, AdmissionQueue(max_queue=p.max_queue, timeout=p.queue_timeout))
+            p.name: PoolState(p, AdmissionQueue(max_queue=p.max_queue, timeout=p.queue_timeout,
+                                                max_per_tenant=p.tenant_max_queue))
             for p in pools
         }
+        self.tenant_builds: dict[tuple[str, str], int] = {}  # (pool, tenant) -> running
+        self._build_tenants: dict[tuple[str, str], tuple[str, str]] = {}  # (ref, replica) ->
         self.default_pool = pools[0].name
         self._by_listener = {str(ep): p.name for p in pools for ep in p.listen}
         self._by_authority = {a: p.name for p in pools for a in p.authorities}
@@ -136,25 +139,33 @@ class Hub:
             hold_timeout=self.routing.hold_timeout,
         )
 
-    def picker(self, pool: str) -> Callable[..., Pick]:
+    def picker(self, pool: str, tenant: str) -> Callable[..., Pick]:
         def pick(key: str | None, *, internal: bool, ref: str,
                  target: str | None = None) -> Pick:
-            return self.pick(pool, key, internal=internal, ref=ref, target=target)
+            return self.pick(pool, key, internal=internal, ref=ref, target=target,
+                             tenant=tenant)
 
         return pick
+
+    def allowed(self, pool: str, tenant: str) -> bool:
+        allow = self.pools[pool].settings.allow
+        return not allow or tenant in allow
 
     def _has_slot(self, state: PoolState, replica: str) -> bool:
         limit = state.settings.max_builds
         return not limit or self.ledger.loads().get(replica, 0) < limit
 
     def pick(self, pool: str, key: str | None, *, internal: bool, ref: str,
-             target: str | None = None, queued: bool = False) -> Pick:
+             target: str | None = None, queued: bool = False, tenant: str = "") -> Pick:
         """A replica with a free slot, WAIT (queue), or None (the target left the pool).
 
         `queued` is set by admission: a new build may not take a slot while builds of its pool
-        wait (FIFO), a queued one may.
+        wait (in fair order), a queued one may. A tenant at its --tenant-max-builds waits.
         """
         state = self.pools[pool]
+        limit = state.settings.tenant_max_builds
+        if not internal and limit and self.tenant_builds.get((pool, tenant), 0) >= limit:
+            return WAIT
         snap = self.registry.snapshot
         if target is not None:
             if target not in snap.by_id:
@@ -196,17 +207,28 @@ class Hub:
 
     # ---- admission -------------------------------------------------------------------------
 
-    def enqueue(self, pool: str, waiter: Waiter) -> bool:
-        if not self.pools[pool].queue.offer(waiter, self.now()):
+    def enqueue(self, pool: str, waiter: Waiter) -> errors.GatewayError | None:
+        """Queues a build; the error to refuse it with when the queue (or the tenant's part of
+        it) is full."""
+        queue = self.pools[pool].queue
+        if not queue.offer(waiter, self.now()):
             self.metrics.queue_full.labels(pool).inc()
-            return False
+            if len(queue) < queue.max_queue:
+                return errors.TenantQueueFull(
+                    f"client {waiter.tenant} already has {queue.queued_by(waiter.tenant)} "
+                    f"builds waiting for a BuildKit replica of pool {pool} "
+                    f"(--tenant-max-queue {queue.max_per_tenant})")
+            return errors.QueueFull(
+                f"{len(queue)} builds are already waiting for a BuildKit replica of pool "
+                f"{pool} (--max-queue {queue.max_queue}); waited 0s")
         self.on_demand(pool)
         self.metrics.placements.labels(pool, self.pools[pool].settings.loadbalance,
                                        "queued").inc()
         log.info("build queued", extra={"pool": pool, "ref": waiter.ref,
+                                        "tenant": waiter.tenant,
                                         "queued": len(self.pools[pool].queue)})
         self.schedule_admission()
-        return True
+        return None
 
     def dequeue(self, pool: str, ticket: int, *, outcome: str = "cancelled") -> None:
         waiter = self.pools[pool].queue.remove(ticket)
@@ -242,7 +264,7 @@ class Hub:
 
             def place(waiter: Waiter, pool: str = name) -> str | None:
                 chosen = self.pick(pool, waiter.key, internal=waiter.internal, ref=waiter.ref,
-                                   target=waiter.target, queued=True)
+                                   target=waiter.target, queued=True, tenant=waiter.tenant)
                 if isinstance(chosen, tuple):
                     self.metrics.queue_wait.labels(pool, "admitted").observe(
                         now - waiter.enqueued)
@@ -351,6 +373,10 @@ class Hub:
         if call is not None:
             call.build = (placed.ref, placed.replica)
         pool = self.pool_of(placed.replica)
+        if call is not None and not placed.internal:
+            tenant = (pool, call.client.tenant)
+            self._build_tenants[(placed.ref, placed.replica)] = tenant
+            self.tenant_builds[tenant] = self.tenant_builds.get(tenant, 0) + 1
         self.metrics.builds_started.labels(pool, placed.replica,
                                            str(placed.internal).lower()).inc()
         if not placed.internal:
@@ -366,6 +392,14 @@ class Hub:
             return
         ref, replica = call.build
         call.build = None
+        tenant = self._build_tenants.pop((ref, replica), None)
+        if tenant is not None:
+            left = self.tenant_builds[tenant] - 1
+            if left:
+                self.tenant_builds[tenant] = left
+            else:
+                del self.tenant_builds[tenant]
+            self.schedule_admission()  # the tenant's next build may go now
         record = self.ledger.finish(ref, replica, result=result, now=self.now())
         if record is not None:
             log.info("build finished", extra={"ref": ref, "replica": replica,

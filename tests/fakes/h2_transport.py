@@ -442,17 +442,20 @@ class H2Transport:
     @classmethod
     async def connect(cls, host: str, port: int, *, authority: str | None = None,
                       unix_path: str | None = None, tls: ssl.SSLContext | None = None,
-                      **options: object) -> H2Transport:
+                      source: str | None = None, **options: object) -> H2Transport:
         """Open the connection and send the preface; does not wait for the server's SETTINGS
         (calls do). `tls`: TLS first, as that context says (its ALPN offer included, or none,
-        as the buildx remote driver). `options` are the keyword arguments of `__init__`."""
+        as the buildx remote driver). `source`: the local address to connect from (another
+        loopback address is another client). `options` are the keyword arguments of
+        `__init__`."""
         try:
             if unix_path is not None:
                 reader, writer = await asyncio.open_unix_connection(unix_path)
                 default_authority = "localhost"
             else:
                 reader, writer = await asyncio.open_connection(
-                    host, port, ssl=tls, server_hostname=host if tls else None)
+                    host, port, ssl=tls, server_hostname=host if tls else None,
+                    local_addr=(source, 0) if source else None)
                 default_authority = f"{host}:{port}"
         except OSError as e:
             raise RpcError(UNAVAILABLE, f"connection error: {e}") from None

@@ -30,12 +30,12 @@ class QueueWatch:
         enqueue, dequeue, start = self.hub.enqueue, self.hub.dequeue, self.hub.ledger.start
 
         def on_enqueue(pool, waiter):  # type: ignore[no-untyped-def]
-            ok = enqueue(pool, waiter)
-            if ok:
+            refused = enqueue(pool, waiter)
+            if refused is None:
                 self.enqueued.append(waiter.ref)
                 self.peak = max(self.peak, self.hub.queued())
             self.changed.set()
-            return ok
+            return refused
 
         def on_dequeue(pool, ticket, **kw):  # type: ignore[no-untyped-def]
             dequeue(pool, ticket, **kw)

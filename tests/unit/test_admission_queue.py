@@ -324,3 +324,44 @@ def test_expire_takes_exactly_the_waiters_past_their_deadline(
     assert list(q) == [w for w in ws if w.enqueued + timeout > now]
     assert all(w.deadline > now for w in q)
 
+
+
+def _tenant_waiter(tenant: str, ref: str) -> Waiter:
+    return Waiter(ref, False, None, None, 0.0, 0.0, tenant=tenant)
+
+
+def test_a_tenant_with_one_build_is_served_second_not_after_a_burst() -> None:
+    queue = AdmissionQueue(max_queue=1000, timeout=60)
+    for i in range(50):
+        assert queue.offer(_tenant_waiter("a", f"a{i}"), 0.0)
+    assert queue.offer(_tenant_waiter("b", "b0"), 1.0)
+    order = [w.ref for w in queue]
+    assert order[:3] == ["a0", "b0", "a1"]
+    placed = queue.admit(lambda w: "r")  # everyone, in the fair order
+    assert [w.ref for w, _r in placed] == order
+
+
+def test_fair_order_holds_as_builds_are_admitted_and_new_ones_come() -> None:
+    """After 10 of A's 30 builds ran, B's two new builds are not put behind A's other 20."""
+    queue = AdmissionQueue(max_queue=1000, timeout=60)
+    for i in range(30):
+        queue.offer(_tenant_waiter("a", f"a{i}"), 0.0)
+    budget = iter(range(10))
+    queue.admit(lambda w: "r" if next(budget, None) is not None else None)
+    queue.offer(_tenant_waiter("b", "b0"), 1.0)
+    queue.offer(_tenant_waiter("b", "b1"), 1.0)
+    order = [w.ref for w in queue]
+    assert order.index("b0") <= 1 and order.index("b1") <= 3, order
+    assert [r for r in order if r.startswith("a")] == [f"a{i}" for i in range(10, 30)]
+
+
+def test_a_tenant_is_held_to_its_share_of_the_queue() -> None:
+    queue = AdmissionQueue(max_queue=1000, timeout=60, max_per_tenant=2)
+    assert queue.offer(_tenant_waiter("a", "a0"), 0.0)
+    assert queue.offer(_tenant_waiter("a", "a1"), 0.0)
+    assert not queue.offer(_tenant_waiter("a", "a2"), 0.0)
+    assert queue.offer(_tenant_waiter("b", "b0"), 0.0)
+    assert queue.queued_by("a") == 2
+    queue.remove(next(w.ticket for w in queue if w.ref == "a0"))
+    assert queue.offer(_tenant_waiter("a", "a2"), 0.0)  # room again
+    assert [w for w in queue.expire(1000.0)] and queue.queued_by("a") == 0

@@ -348,3 +348,21 @@ def test_tls_options_go_together() -> None:
         load(["--tlscert", "/c.pem"], {})
     with pytest.raises(ConfigError, match="needs --tlscert"):
         load(["--tlscacert", "/ca.pem"], {})
+
+
+def test_tenant_limits_and_allow_lists_per_pool(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+tenant-max-builds: 3
+tenant-max-queue: 10
+allow: [team-a.builders.example]
+pools:
+  - name: gpu
+    replica: [tcp://10.0.0.9:1234]
+    tenant-max-builds: 1
+    allow: [team-b.builders.example, 10.1.2.3]
+""")
+    default, gpu = load(["--config", path], {}).pools
+    assert (default.tenant_max_builds, default.tenant_max_queue, default.allow) == (
+        3, 10, ("team-a.builders.example",))
+    assert (gpu.tenant_max_builds, gpu.tenant_max_queue, gpu.allow) == (
+        1, 10, ("team-b.builders.example", "10.1.2.3"))

@@ -218,7 +218,7 @@ class BackendConn(H2Conn):
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        self.lost()
         self.usable = False
         self.upstream.lost(self, exc)
         reason = f"connection to BuildKit replica {self.upstream.replica_id} lost"

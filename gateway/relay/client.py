@@ -163,6 +163,9 @@ class ClientConn(H2Conn):
             data = rest
         super().process(data)
 
+    def has_stream(self, sid: int) -> bool:
+        return sid in self.calls
+
     @property
     def tenant(self) -> str:
         """Whose builds these are: the certificate's name (mTLS), else the address."""
@@ -206,9 +209,10 @@ class ClientConn(H2Conn):
         flush_dirty()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost()
         if self.guard is None:  # refused at once: never counted as a client
+            self.sched.detach()
             return
-        self.closed = True
         self.guard.close()
         self.hub.abuse.left(self.peer)
         self.return_deferred_credit()

@@ -98,6 +98,8 @@ class H2Conn(asyncio.Protocol):
         self.paused = False
         self.deferred: list[tuple[H2Conn, int, int]] = []
         self._input_paused: set[str] = set()  # why reading is paused ("slice", "write")
+        self.closing = False  # GOAWAY sent or closing: nothing more is read
+        self._linger_abort: asyncio.TimerHandle | None = None
         self._later: tuple[list[fr.Frame], int] | None = None  # the rest of a long read
 
     # ---- output ----------------------------------------------------------------------------
@@ -164,18 +166,28 @@ class H2Conn(asyncio.Protocol):
         return fr.header_block(sid, block, end_stream=end_stream, max_frame=self.peer_max_frame)
 
     def goaway(self, code: int, message: str, last_sid: int = 0) -> None:
-        """Sends GOAWAY and closes; a peer that does not read what is left is cut off after
-        GOAWAY_LINGER seconds (a closing transport waits for its buffer to drain)."""
-        if self.closed:
+        """Sends GOAWAY (once) and closes; a peer that does not read what is left is cut off
+        after GOAWAY_LINGER seconds (a closing transport waits for its buffer to drain)."""
+        if self.closed or self.closing:
             return
         self.out.append(fr.goaway(last_sid, code, message.encode()[:256]))
         self.flush()
         self.close()
-        asyncio.get_running_loop().call_later(GOAWAY_LINGER, self.abort)
+        self._linger_abort = asyncio.get_running_loop().call_later(GOAWAY_LINGER, self.abort)
 
     def close(self) -> None:
+        self.closing = True  # nothing more is read from the peer, even a waiting slice
+        self._later = None
         if self.transport is not None and not self.closed:
             self.transport.close()
+
+    def lost(self) -> None:
+        """The transport is gone: what every subclass's connection_lost starts with."""
+        self.closed = True
+        self._later = None
+        if self._linger_abort is not None:
+            self._linger_abort.cancel()
+            self._linger_abort = None
 
     def abort(self) -> None:
         """Drops the connection at once, whatever is still buffered for the peer."""
@@ -189,6 +201,8 @@ class H2Conn(asyncio.Protocol):
 
     def data_received(self, data: bytes | memoryview) -> None:
         self.rx_bytes[self.rx_index] += len(data)
+        if self.closing:  # after our GOAWAY: nothing more is processed
+            return
         try:
             self.process(data)
         except fr.ProtocolError as exc:
@@ -234,6 +248,9 @@ class H2Conn(asyncio.Protocol):
             self._handle(frames, start)
         except fr.ProtocolError as exc:
             self._protocol_error(exc)
+        except Exception:  # a bug: in a loop callback nobody else would end the connection
+            log.exception("connection failed", extra={"conn": self.name, "role": self.role})
+            self.abort()
         if self._later is None:
             self.resume_input("slice")
         flush_dirty()
@@ -297,7 +314,7 @@ class H2Conn(asyncio.Protocol):
                 if self._block is None or self._block[0] != sid:
                     raise fr.ProtocolError(fr.PROTOCOL_ERROR, "unexpected CONTINUATION")
                 self._block[2].append(bytes(payload))
-                self._block_size += len(payload)
+                self._block_size += len(payload) + fr.FRAME_HEADER_LEN  # empty ones count too
                 if self._block_size > self.max_block:
                     raise fr.ProtocolError(fr.ENHANCE_YOUR_CALM, "header block too large")
                 if flags & fr.FLAG_END_HEADERS:
@@ -418,7 +435,8 @@ class H2Conn(asyncio.Protocol):
 
     def defer_credit(self, source: H2Conn, sid: int, n: int) -> None:
         """Bytes for this (paused) peer were written: `source` gets the credit on resume."""
-        self.deferred.append((source, sid, n))
+        if n > 0:
+            self.deferred.append((source, sid, n))
 
     def return_deferred_credit(self) -> None:
         deferred, self.deferred = self.deferred, []

@@ -468,3 +468,14 @@ async def test_a_header_block_past_twice_the_request_limit_ends_at_once() -> Non
         await attacker.close()
         errors = gw.metrics.http2_errors.labels("client", "ENHANCE_YOUR_CALM")._value.get()
         assert errors == 1
+
+
+async def test_a_flood_of_empty_continuation_frames_is_cut_like_a_large_block() -> None:
+    async with running_replicas(1) as (replica,), running_gateway([replica.address]) as gw:
+        attacker = await Attacker.connect(gateway_port(gw))
+        attacker.send(fr.frame(fr.HEADERS, 0, 1, b"")
+                      + fr.frame(fr.CONTINUATION, 0, 1, b"") * 20_000)
+        assert await goaway_code(attacker) in (fr.ENHANCE_YOUR_CALM, RESET)
+        await attacker.close()
+        errors = gw.metrics.http2_errors.labels("client", "ENHANCE_YOUR_CALM")._value.get()
+        assert errors == 1

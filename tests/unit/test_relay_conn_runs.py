@@ -237,3 +237,17 @@ async def test_a_read_of_many_small_frames_is_handled_in_slices_in_order() -> No
     for _ in range(4):
         await asyncio.sleep(0)  # one turn of the loop each
     assert acks() == [*range(3500), 9999] and tx.reading
+
+
+async def test_nothing_more_is_read_after_goaway_even_a_waiting_slice() -> None:
+    """A timer's GOAWAY between two slices of a long read: the rest is not handled."""
+    relay = _relay(True)
+    before = len(relay.client_tx.data)
+    relay.client.data_received(b"".join(fr.ping(i.to_bytes(8, "big")) for i in range(2500)))
+    relay.client.goaway(fr.ENHANCE_YOUR_CALM, "header block not finished within 10s")
+    relay.client.data_received(fr.ping(b"latecome"))
+    for _ in range(4):
+        await asyncio.sleep(0)
+    acks = [f for f in fr.FrameReader().feed(bytes(relay.client_tx.data)[before:])
+            if f.type == fr.PING]
+    assert len(acks) == FRAMES_PER_TURN  # the first slice only

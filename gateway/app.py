@@ -38,7 +38,7 @@ from gateway.discovery.watch import PodWatch
 from gateway.metrics import Metrics
 from gateway.relay.client import ClientConn
 from gateway.relay.hub import Hub
-from gateway.relay.tls import ListenerTls
+from gateway.relay.tls import ListenerTls, replica_context
 from gateway.replicas.registry import Registry, Replica
 from gateway.scaling.scaler import Demand, PoolScaler
 
@@ -73,7 +73,7 @@ class Gateway:
         self.registry = Registry(static_replicas(settings))
         self.ledger = Ledger()
         self.cache = ReplicaCache()
-        self.channels = Channels()
+        self.channels = Channels(settings.replica_tls)
         self.listening: list[Endpoint] = []
         self.started = asyncio.Event()
         self.stop = asyncio.Event()
@@ -96,6 +96,8 @@ class Gateway:
                 raise ConfigError(f"cannot configure the Kubernetes client (--kubeconfig, "
                                   f"--kube-context, in-cluster): {exc}") from exc
         self.tls = ListenerTls(settings.tls) if settings.tls is not None else None
+        replica_tls = (replica_context(settings.replica_tls)
+                       if settings.replica_tls is not None else None)
         workdir = tempfile.mkdtemp(prefix="buildkit-gateway-")
         control_socket = os.path.join(workdir, "control.sock")
         control = ControlServer(self.registry, self.cache, self.channels, self.ledger,
@@ -118,7 +120,10 @@ class Gateway:
                 hub = Hub(relay=settings.relay, routing=settings.routing, pools=settings.pools,
                           registry=self.registry, ledger=self.ledger,
                           control=Endpoint("unix", path=control_socket), spawn=spawn,
-                          metrics=self.metrics, eject=prober.eject)
+                          metrics=self.metrics, eject=prober.eject,
+                          replica_tls=replica_tls,
+                          servername=settings.replica_tls.servername
+                          if settings.replica_tls is not None else "")
                 prober.on_dead = hub.replica_dead
                 self.hub = hub
                 self.metrics.watch(lambda: status.gauges(hub))

@@ -240,6 +240,21 @@ class TlsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplicaTlsSettings:
+    """TLS toward the replicas (buildkitd --tlscert/--tlskey/--tlscacert), for the relay, the
+    probes and the control server's fan-out alike."""
+
+    cacert: str
+    """PEM CA bundle the replicas' certificates chain to; empty: the system's."""
+    cert: str
+    """PEM client certificate the gateway presents (buildkitd with --tlscacert wants one)."""
+    key: str
+    """PEM private key of `cert`."""
+    servername: str
+    """Name the replicas' certificates must carry; empty: each replica's host."""
+
+
+@dataclass(frozen=True, slots=True)
 class AdminSettings:
     listen: tuple[str, int] | None
     """Host and port of the admin HTTP server (/metrics, /healthz, /readyz, /status), or None."""
@@ -268,6 +283,8 @@ class Settings:
     kube: KubeSettings = KubeSettings("", "")
     tls: TlsSettings | None = None
     """TLS on the client listeners; None: plain h2c."""
+    replica_tls: ReplicaTlsSettings | None = None
+    """TLS toward the replicas; None: plain h2c."""
 
     @property
     def pool(self) -> PoolSettings:
@@ -387,6 +404,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("--tlskey", "PEM private key of --tlscert", "", str, metavar="FILE"),
     Option("--tlscacert", "PEM CA bundle: client certificates are then required and "
            "verified, and name the client", "", str, metavar="FILE"),
+    Option("--replica-tlscacert", "PEM CA bundle the replicas' certificates chain to (turns "
+           "TLS toward replicas on)", "", str, metavar="FILE"),
+    Option("--replica-tlscert", "PEM client certificate presented to replicas (with "
+           "--replica-tlskey; turns TLS toward replicas on)", "", str, metavar="FILE"),
+    Option("--replica-tlskey", "PEM private key of --replica-tlscert", "", str,
+           metavar="FILE"),
+    Option("--replica-servername", "name the replicas' certificates must carry (default: each "
+           "replica's host)", "", str, metavar="NAME"),
     Option("--replica", "static buildkitd replica of the default pool, tcp://HOST:PORT "
            "(repeatable)", [], parse_endpoint, True, "ADDR"),
     Option("--loadbalance", "placement policy: sticky (consistent hashing, warm caches) or "
@@ -709,6 +734,11 @@ def _assemble(v: Mapping[str, Any], pools: tuple[PoolSettings, ...]) -> Settings
         raise ConfigError("--connection-window must be at least --stream-window")
     if bool(v["tlscert"]) != bool(v["tlskey"]):
         raise ConfigError("--tlscert and --tlskey go together")
+    if bool(v["replica-tlscert"]) != bool(v["replica-tlskey"]):
+        raise ConfigError("--replica-tlscert and --replica-tlskey go together")
+    if v["replica-servername"] and not (v["replica-tlscacert"] or v["replica-tlscert"]):
+        raise ConfigError("--replica-servername needs TLS toward replicas "
+                          "(--replica-tlscacert or --replica-tlscert)")
     if v["tlscacert"] and not v["tlscert"]:
         raise ConfigError("--tlscacert needs --tlscert and --tlskey (TLS on the listener)")
     if v["handshake-timeout"] <= 0 or v["client-write-timeout"] <= 0:
@@ -732,4 +762,7 @@ def _assemble(v: Mapping[str, Any], pools: tuple[PoolSettings, ...]) -> Settings
         admin=AdminSettings(v["admin-listen"], v["shutdown-grace"]),
         kube=KubeSettings(v["kubeconfig"], v["kube-context"]),
         tls=TlsSettings(v["tlscert"], v["tlskey"], v["tlscacert"]) if v["tlscert"] else None,
+        replica_tls=ReplicaTlsSettings(v["replica-tlscacert"], v["replica-tlscert"],
+                                       v["replica-tlskey"], v["replica-servername"])
+        if v["replica-tlscacert"] or v["replica-tlscert"] else None,
     )

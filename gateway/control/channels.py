@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterable
 import grpc
 
 from gateway.buildkit.wire import MAX_MESSAGE
+from gateway.config import ConfigError, ReplicaTlsSettings
 
 _OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE),
@@ -24,6 +25,13 @@ _OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
+
+
+def _read(path: str) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def _identity(data: bytes) -> bytes:
@@ -38,13 +46,31 @@ def grpc_target(address: str) -> str:
 
 
 class Channels:
-    def __init__(self) -> None:
+    """grpcio channels to the replicas (probes, fan-out), plain or TLS as the relay's are."""
+
+    def __init__(self, tls: ReplicaTlsSettings | None = None) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._credentials: grpc.ChannelCredentials | None = None
+        self._options: list[tuple[str, int | str]] = list(_OPTIONS)
+        if tls is not None:
+            try:
+                self._credentials = grpc.ssl_channel_credentials(
+                    root_certificates=_read(tls.cacert), private_key=_read(tls.key),
+                    certificate_chain=_read(tls.cert))
+            except OSError as exc:
+                raise ConfigError(f"cannot read the TLS files toward replicas: {exc}") from exc
+            if tls.servername:
+                self._options.append(("grpc.ssl_target_name_override", tls.servername))
 
     def get(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(grpc_target(address), options=_OPTIONS)
+            target = grpc_target(address)
+            if self._credentials is None or address.startswith("unix://"):
+                channel = grpc.aio.insecure_channel(target, options=self._options)
+            else:
+                channel = grpc.aio.secure_channel(target, self._credentials,
+                                                  options=self._options)
             self._channels[address] = channel
         return channel
 

@@ -275,8 +275,11 @@ class Upstream:
                     loop.create_unix_connection(lambda: BackendConn(self), ep.path),
                     CONNECT_TIMEOUT)
             else:
+                tls = self.hub.replica_tls
+                name = self.hub.servername or ep.host if tls is not None else None
                 await asyncio.wait_for(
-                    loop.create_connection(lambda: BackendConn(self), ep.host, ep.port),
+                    loop.create_connection(lambda: BackendConn(self), ep.host, ep.port,
+                                           ssl=tls, server_hostname=name),
                     CONNECT_TIMEOUT)
         except Exception as exc:
             self.dialing = False

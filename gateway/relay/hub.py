@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -77,8 +78,12 @@ class Hub:
         metrics: Metrics,
         eject: Callable[[str, str], None],
         rng: random.Random | None = None,
+        replica_tls: ssl.SSLContext | None = None,
+        servername: str = "",
     ) -> None:
         self.relay = relay
+        self.replica_tls = replica_tls  # TLS toward tcp:// replicas (relay/tls.py), or None
+        self.servername = servername  # the name replicas' certificates carry ("": the host)
         self.routing = routing
         self.registry = registry
         self.ledger = ledger

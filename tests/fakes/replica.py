@@ -224,8 +224,10 @@ class FakeReplica:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Listen (plain h2c) and return 'host:port'."""
+    async def start(self, host: str = "127.0.0.1", port: int = 0, *,
+                    tls: grpc.ServerCredentials | None = None) -> str:
+        """Listen (plain h2c, or TLS with `tls`, as buildkitd --tlscert) and return
+        'host:port'."""
         server = grpc.aio.server(options=[
             ("grpc.max_send_message_length", MAX_MESSAGE),
             ("grpc.max_receive_message_length", MAX_MESSAGE),
@@ -236,7 +238,8 @@ class FakeReplica:
         ])
         server.add_generic_rpc_handlers((_Dispatch(self),))
         bind_host = f"[{host}]" if ":" in host else host
-        bound = server.add_insecure_port(f"{bind_host}:{port}")
+        bound = (server.add_secure_port(f"{bind_host}:{port}", tls) if tls is not None
+                 else server.add_insecure_port(f"{bind_host}:{port}"))
         await server.start()
         self._server = server
         self.address = f"{bind_host}:{bound}"

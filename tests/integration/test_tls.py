@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 import trustme
 
@@ -22,7 +23,8 @@ from tests.conftest import gateway_port, running_gateway, running_replicas
 from tests.fakes import buildflow
 from tests.fakes.h2_transport import H2Transport
 from tests.fakes.ids import node_id
-from tests.fakes.replica import BUILD_SECONDS
+from tests.fakes.replica import BUILD_SECONDS, FakeReplica
+from tests.integration.clients import client
 
 
 @dataclass
@@ -171,3 +173,49 @@ async def test_tls_files_that_do_not_load_stop_the_start_with_a_clear_error(
                 [replica.address], "--tlscert", str(tmp_path / "junk.pem"),
                 "--tlskey", str(tmp_path / "junk.pem")):
             pass
+
+
+def replica_tls(pki: Pki, *, client_auth: bool) -> grpc.ServerCredentials:
+    """buildkitd --tlscert/--tlskey[/--tlscacert]: the replica's own certificate, and the
+    gateway's client certificate required when `client_auth`."""
+    cert = pki.ca.issue_cert("buildkitd.builders.example")
+    return grpc.ssl_server_credentials(
+        [(cert.private_key_pem.bytes(), cert.cert_chain_pems[0].bytes())],
+        root_certificates=pki.ca.cert_pem.bytes(), require_client_auth=client_auth)
+
+
+async def test_the_gateway_speaks_tls_to_replicas_that_require_it(pki: Pki) -> None:
+    """Relay, probes and the cached answers all over TLS, with the gateway's client
+    certificate, to a replica whose certificate names another host (--replica-servername)."""
+    gateway_cert = pki.ca.issue_cert("gateway.builders.example")
+    gateway_cert.private_key_and_cert_chain_pem.write_to_path(str(pki.dir / "gw-client.pem"))
+    replica = FakeReplica("tls0")
+    await replica.start(tls=replica_tls(pki, client_auth=True))
+    try:
+        async with running_gateway(
+                [replica.address], "--replica-tlscacert", str(pki.dir / "ca.pem"),
+                "--replica-tlscert", str(pki.dir / "gw-client.pem"),
+                "--replica-tlskey", str(pki.dir / "gw-client.pem"),
+                "--replica-servername", "buildkitd.builders.example") as gw:
+            assert gw.registry.snapshot.replicas[0].ready  # the probes got through
+            async with client("grpc-go", gateway_port(gw)) as t:
+                out = await buildflow.build(t, context_dir="/src", node_id=node_id(),
+                                            upload=1 << 20)
+    finally:
+        await replica.stop(grace=0)
+    assert out.ok, out.error
+    assert out.replica == "tls0"
+
+
+async def test_a_replica_that_requires_a_client_certificate_refuses_a_gateway_without(
+        pki: Pki) -> None:
+    replica = FakeReplica("tls1")
+    await replica.start(tls=replica_tls(pki, client_auth=True))
+    try:
+        async with running_gateway(
+                [replica.address], "--replica-tlscacert", str(pki.dir / "ca.pem"),
+                "--replica-servername", "buildkitd.builders.example") as gw:
+            state = gw.registry.snapshot.replicas[0]
+    finally:
+        await replica.stop(grace=0)
+    assert not state.ready and "UNAVAILABLE" in state.reason  # said, not silently skipped

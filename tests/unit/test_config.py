@@ -366,3 +366,13 @@ pools:
         3, 10, ("team-a.builders.example",))
     assert (gpu.tenant_max_builds, gpu.tenant_max_queue, gpu.allow) == (
         1, 10, ("team-b.builders.example", "10.1.2.3"))
+
+
+def test_tls_toward_replicas_options() -> None:
+    s = load(["--replica-tlscacert", "/ca.pem", "--replica-servername", "buildkitd"], {})
+    assert s.replica_tls == config.ReplicaTlsSettings("/ca.pem", "", "", "buildkitd")
+    assert load([], {}).replica_tls is None
+    with pytest.raises(ConfigError, match="go together"):
+        load(["--replica-tlscert", "/c.pem"], {})
+    with pytest.raises(ConfigError, match="needs TLS toward replicas"):
+        load(["--replica-servername", "buildkitd"], {})

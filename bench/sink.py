@@ -16,7 +16,7 @@ Served paths:
 - /moby.buildkit.v1.Control/Session (bidi): response headers at once plus one small message
   (the inner connection's preface, as the daemon would send); reads and counts all DATA; after
   the client's END_STREAM sends trailers grpc-status 0 with x-bench-* counters (bytes, messages,
-  frames received on that stream).
+  frames received on that stream; with TLS, x-bench-tls: the connection's version, cipher, ALPN).
 - /moby.buildkit.v1.Control/Solve (unary): decodes SolveRequest (Ref 1, Session 5) and replies
   (empty message, grpc-status 0) once the Session with that id has finished (at once if it has).
 - any other path: after the request's END_STREAM, a valid gRPC reply: headers, one message,
@@ -28,8 +28,12 @@ Served paths:
 With --work-dir DIR the sink also does buildkitd's per-message work on Session streams (`Work`):
 each whole message is copied out, sha256-hashed and written to a file in DIR.
 
-Run standalone: `python bench/sink.py [--port 0] [--work-dir DIR]`; prints `SINK READY <port>` on
-stdout.
+With --tls-cert FILE --tls-key FILE the sink serves TLS (Python's ssl under uvloop, as the
+gateway's listener does; TLS 1.2 or later; ALPN `h2` selected when offered, as buildkitd, a client
+offering none accepted): the replica end of `upload.py --tls`.
+
+Run standalone: `python bench/sink.py [--port 0] [--work-dir DIR] [--tls-cert FILE --tls-key FILE]`;
+prints `SINK READY <port>` on stdout.
 Any HPACK input is accepted (one hpack.Decoder per connection); PING is answered.
 """
 
@@ -40,6 +44,7 @@ import asyncio
 import hashlib
 import os
 import signal
+import ssl
 import struct
 import sys
 from typing import Any
@@ -314,11 +319,17 @@ class SinkConn(asyncio.Protocol):
         self.next_raise = 2 * self.steps[0]
         self.last_sid = 0
         self.ping_seq = 0
+        self.tls = ""  # with TLS: "TLSv1.3 TLS_AES_256_GCM_SHA384 h2" (ALPN "-" if none)
 
     # --- transport callbacks -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.t = transport  # type: ignore[assignment]
         self.server.conns += 1
+        obj = transport.get_extra_info("ssl_object")
+        if obj is not None:
+            cipher = obj.cipher()
+            alpn = obj.selected_alpn_protocol() or "-"
+            self.tls = f"{obj.version()} {cipher[0] if cipher else '?'} {alpn}"
         self.t.write(
             settings_frame(
                 [
@@ -586,6 +597,8 @@ class SinkConn(asyncio.Protocol):
             ]
             if st.sha is not None:
                 trailers.append(("x-bench-sha256", st.sha.hexdigest()))
+            if self.tls:  # what the hop into the sink negotiated (through a proxy: the proxy's)
+                trailers.append(("x-bench-tls", self.tls))
             self._send_headers(st.id, trailers, end=True)
             self._session_finished(st)
             if self.server.verbose:
@@ -682,10 +695,25 @@ class SinkConn(asyncio.Protocol):
         self.pending = keep
 
 
-async def serve(host: str, port: int, verbose: bool = False, work_dir: str | None = None) -> None:
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """The sink's server side of TLS: like buildkitd's (Go crypto/tls with NextProtos h2)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    context.set_alpn_protocols(["h2"])
+    return context
+
+
+async def serve(
+    host: str,
+    port: int,
+    verbose: bool = False,
+    work_dir: str | None = None,
+    tls: ssl.SSLContext | None = None,
+) -> None:
     loop = asyncio.get_running_loop()
     server = SinkServer(verbose=verbose, work=Work(work_dir) if work_dir else None)
-    srv = await loop.create_server(lambda: SinkConn(server), host, port, backlog=128)
+    srv = await loop.create_server(lambda: SinkConn(server), host, port, backlog=128, ssl=tls)
     sock = srv.sockets[0]
     print(f"SINK READY {sock.getsockname()[1]}", flush=True)
     stop = asyncio.Event()
@@ -704,15 +732,21 @@ def main() -> None:
         "--work-dir",
         help="do buildkitd's per-message work: copy, sha256 and write each message to a file here",
     )
+    ap.add_argument("--tls-cert", help="serve TLS with this PEM certificate (chain)")
+    ap.add_argument("--tls-key", help="PEM private key of --tls-cert")
     args = ap.parse_args()
+    if bool(args.tls_cert) != bool(args.tls_key):
+        ap.error("--tls-cert and --tls-key go together")
     if sys.platform.startswith("linux"):
         _die_with_parent()
+    tls = tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None
+    main_coro = serve(args.host, args.port, args.verbose, args.work_dir, tls)
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(args.host, args.port, args.verbose, args.work_dir))
+        asyncio.run(main_coro)
         return
-    uvloop.run(serve(args.host, args.port, args.verbose, args.work_dir))
+    uvloop.run(main_coro)
 
 
 def _die_with_parent() -> None:

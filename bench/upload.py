@@ -13,13 +13,19 @@ The whole run is done once per kind of ends (--ends lean,work): lean ends only m
 ends also do buildctl's and buildkitd's I/O per message (the client reads each message from a
 file; the sink copies, sha256-hashes and writes it to a file), see bench/README.md.
 
+With --tls every leg is the TLS variant, measured against TLS direct in the same run: the sink
+serves TLS (ALPN h2), the client offers ALPN h2 as buildctl does and verifies the certificates
+(made at run time with trustme); HAProxy `mode tcp` passes the client's TLS through to the sink;
+the gateway terminates TLS on its listener (--tlscert/--tlskey) and dials the sink over TLS
+(--replica-tlscacert, --replica-servername).
+
 Legs run interleaved, each a few times; the median time gives the ratio direct/path (1.0 means
 the proxy costs nothing; higher is better). The proxy's CPU per upload is its on-CPU time (all
 threads and descendants, /proc/PID/task/*/schedstat) before and after each upload.
 
   .venv/bin/python bench/upload.py [--size-mb 200] [--repeats 9] [--legs direct,haproxy,gateway]
       [--gateway-cmd 'CMD ...'] [--haproxy PATH] [--msg-sizes 24000,4000,2500] [--timeout 30]
-      [--ready-timeout 15] [--deadline 200] [--ends lean,work] [--json FILE] [--keep-logs]
+      [--ready-timeout 15] [--deadline 200] [--ends lean,work] [--tls] [--json FILE] [--keep-logs]
 """
 
 # ruff: noqa: ASYNC221, ASYNC240
@@ -39,6 +45,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -86,6 +93,9 @@ MAX_FRAME = 16384
 # with buildctl against buildkitd (inner h2c writes of up to ~24 KB plus small control writes).
 DEFAULT_MSG_SIZES = (24000, 4000, 2500)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# --tls: the names on the certificates (the clients verify them; nothing resolves them)
+SINK_TLS_NAME = "sink.bench.test"
+GATEWAY_TLS_NAME = "gateway.bench.test"
 _B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 
@@ -175,6 +185,8 @@ class UploadResult:
     sink_messages: int | None
     sink_frames: int | None
     wire_bytes: int
+    tls: str | None = None  # --tls: version, cipher, ALPN ("TLSv1.3 TLS_AES_256_GCM_SHA384 h2")
+    sink_tls: str | None = None  # --tls: the same, of the connection into the sink (x-bench-tls)
 
 
 class _Stream:
@@ -195,8 +207,11 @@ class UploadClient(asyncio.Protocol):
     SESSION_SID = 1
     SOLVE_SID = 3
 
-    def __init__(self, payload: Payload, authority: str, session_id: str, ref: str) -> None:
+    def __init__(
+        self, payload: Payload, authority: str, session_id: str, ref: str, scheme: str = "http"
+    ) -> None:
         self.p = payload
+        self.scheme = scheme
         self.authority = authority
         self.session_id = session_id
         self.ref = ref
@@ -367,7 +382,7 @@ class UploadClient(asyncio.Protocol):
         """Both HEADERS at once (Session first), the Solve request, then the upload."""
         common = [
             (":method", "POST"),
-            (":scheme", "http"),
+            (":scheme", self.scheme),
             (":authority", self.authority),
             ("content-type", "application/grpc"),
             ("user-agent", "grpc-go/1.66.3"),
@@ -375,7 +390,7 @@ class UploadClient(asyncio.Protocol):
         ]
         session_hdrs = [
             (":method", "POST"),
-            (":scheme", "http"),
+            (":scheme", self.scheme),
             (":path", SESSION_PATH),
             *common[2:],
             ("x-docker-expose-session-uuid", self.session_id),
@@ -384,7 +399,12 @@ class UploadClient(asyncio.Protocol):
             ("x-docker-expose-session-grpc-method", "/moby.filesync.v1.FileSync/TarStream"),
             ("x-docker-expose-session-grpc-method", "/grpc.health.v1.Health/Check"),
         ]
-        solve_hdrs = [(":method", "POST"), (":scheme", "http"), (":path", SOLVE_PATH), *common[2:]]
+        solve_hdrs = [
+            (":method", "POST"),
+            (":scheme", self.scheme),
+            (":path", SOLVE_PATH),
+            *common[2:],
+        ]
         solve_req = grpc_message(
             pb_bytes(1, self.ref.encode()) + pb_bytes(5, self.session_id.encode())
         )
@@ -479,18 +499,45 @@ class UploadClient(asyncio.Protocol):
             self.t.writelines(parts)
 
 
-async def upload_once(port: int, payload: Payload, timeout: float) -> UploadResult:
+def tls_summary(transport: asyncio.BaseTransport) -> str:
+    """What a TLS connection negotiated: "TLSv1.3 TLS_AES_256_GCM_SHA384 h2"; raises unless the
+    server selected ALPN h2, which buildctl (grpc-go) requires."""
+    obj = transport.get_extra_info("ssl_object")
+    if obj is None:
+        raise UploadError("no TLS on the connection")
+    alpn = obj.selected_alpn_protocol()
+    if alpn != "h2":
+        raise UploadError(f"the server selected ALPN {alpn!r}, not 'h2' (grpc-go refuses that)")
+    cipher = obj.cipher()
+    return f"{obj.version()} {cipher[0] if cipher else '?'} {alpn}"
+
+
+async def upload_once(
+    port: int,
+    payload: Payload,
+    timeout: float,
+    tls: ssl.SSLContext | None = None,
+    server_name: str | None = None,
+) -> UploadResult:
+    """One upload; with `tls`, over TLS (offering ALPN h2, the certificate checked against
+    `server_name`). The timer starts before connecting, so it includes the TLS handshake."""
     loop = asyncio.get_running_loop()
     session_id, ref = random_id(), random_id()
+    scheme = "https" if tls is not None else "http"
     t0 = time.perf_counter()
     transport = None
+    negotiated = None
     try:
         async with asyncio.timeout(timeout):
             transport, client = await loop.create_connection(
-                lambda: UploadClient(payload, f"127.0.0.1:{port}", session_id, ref),
+                lambda: UploadClient(payload, f"127.0.0.1:{port}", session_id, ref, scheme),
                 "127.0.0.1",
                 port,
+                ssl=tls,
+                server_hostname=server_name if tls is not None else None,
             )
+            if tls is not None:
+                negotiated = tls_summary(transport)
             sock = transport.get_extra_info("socket")
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -517,18 +564,29 @@ async def upload_once(port: int, payload: Payload, timeout: float) -> UploadResu
         sink_messages=num("x-bench-messages"),
         sink_frames=num("x-bench-frames"),
         wire_bytes=payload.wire_bytes,
+        tls=negotiated,
+        sink_tls=tr.get("x-bench-tls"),
     )
     if res.sink_bytes is not None and res.sink_bytes != payload.wire_bytes:
         raise UploadError(f"sink received {res.sink_bytes} bytes, sent {payload.wire_bytes}")
     if res.sink_messages is not None and res.sink_messages != payload.messages:
         raise UploadError(f"sink counted {res.sink_messages} messages, sent {payload.messages}")
+    if tls is not None and not (res.sink_tls or "").endswith(" h2"):
+        # the sink serves TLS only; buildkitd (grpc-go) also wants ALPN h2 from whoever dials it
+        raise UploadError(f"the connection into the sink negotiated {res.sink_tls!r}, not ALPN h2")
     sha = tr.get("x-bench-sha256")
     if payload.fd is not None and sha != payload.sha256:
         raise UploadError(f"sink's sha256 of the messages is {sha}, sent {payload.sha256}")
     return res
 
 
-async def grpc_unary_ok(port: int, path: str, timeout: float) -> str:
+async def grpc_unary_ok(
+    port: int,
+    path: str,
+    timeout: float,
+    tls: ssl.SSLContext | None = None,
+    server_name: str | None = None,
+) -> str:
     """One unary gRPC call with an empty request; returns grpc-status (or raises)."""
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[str] = loop.create_future()
@@ -565,7 +623,7 @@ async def grpc_unary_ok(port: int, path: str, timeout: float) -> str:
                         hb = Encoder().encode(
                             [
                                 (":method", "POST"),
-                                (":scheme", "http"),
+                                (":scheme", "https" if tls is not None else "http"),
                                 (":path", path),
                                 (":authority", f"127.0.0.1:{port}"),
                                 ("content-type", "application/grpc"),
@@ -592,7 +650,13 @@ async def grpc_unary_ok(port: int, path: str, timeout: float) -> str:
     transport = None
     try:
         async with asyncio.timeout(timeout):
-            transport, _ = await loop.create_connection(P, "127.0.0.1", port)
+            transport, _ = await loop.create_connection(
+                P,
+                "127.0.0.1",
+                port,
+                ssl=tls,
+                server_hostname=server_name if tls is not None else None,
+            )
             return await fut
     except TimeoutError:
         raise UploadError("no answer") from None
@@ -756,8 +820,43 @@ class Leg:
     proc: Proc | None = None
     skipped: str | None = None
     note: str = ""
-    runs: list[dict[str, float | int | None]] = field(default_factory=list)
+    runs: list[dict[str, float | int | str | None]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    tls_name: str | None = None  # with --tls: the name the client checks on this leg's certificate
+
+
+@dataclass
+class BenchTls:
+    """--tls: a private CA and two server certificates, made at run time (trustme) in `dir`."""
+
+    dir: Path
+    ca: Path
+    sink_cert: Path  # chain, for SINK_TLS_NAME
+    sink_key: Path
+    gateway_cert: Path  # chain, for GATEWAY_TLS_NAME
+    gateway_key: Path
+    client: ssl.SSLContext  # the upload client's: the CA trusted, ALPN h2 offered (as buildctl)
+
+    @classmethod
+    def make(cls, directory: Path) -> BenchTls:
+        import trustme  # only --tls needs it (a dev dependency)
+
+        directory.mkdir(parents=True, exist_ok=True)
+        ca = trustme.CA(organization_name="buildkit-gateway bench")
+        ca.cert_pem.write_to_path(str(directory / "ca.pem"))
+        paths: list[Path] = []
+        for name in (SINK_TLS_NAME, GATEWAY_TLS_NAME):
+            leaf = ca.issue_cert(name)
+            cert, key = directory / f"{name}.pem", directory / f"{name}.key"
+            for i, blob in enumerate(leaf.cert_chain_pems):
+                blob.write_to_path(str(cert), append=i > 0)
+            leaf.private_key_pem.write_to_path(str(key))
+            paths += [cert, key]
+        # grpc-go's credentials.NewTLS: TLS 1.2 or later, NextProtos h2, the server verified
+        client = ssl.create_default_context(cafile=str(directory / "ca.pem"))
+        client.minimum_version = ssl.TLSVersion.TLSv1_2
+        client.set_alpn_protocols(["h2"])
+        return cls(directory, directory / "ca.pem", *paths, client)
 
 
 def haproxy_config(listen: int, sink: int) -> str:
@@ -818,7 +917,9 @@ async def start_haproxy(leg: Leg, args: argparse.Namespace, tmp: Path, sink_port
         leg.skipped = f"{e}\n{leg.proc.tail()}"
 
 
-async def start_gateway(leg: Leg, args: argparse.Namespace, tmp: Path, sink_port: int) -> None:
+async def start_gateway(
+    leg: Leg, args: argparse.Namespace, tmp: Path, sink_port: int, tls: BenchTls | None = None
+) -> None:
     argv = gateway_argv(args, leg.name)
     if argv is None:
         leg.skipped = (
@@ -835,6 +936,18 @@ async def start_gateway(leg: Leg, args: argparse.Namespace, tmp: Path, sink_port
         "--replica",
         f"tcp://127.0.0.1:{sink_port}",
     ]
+    if tls is not None:  # TLS on the listener, and toward the (TLS) sink
+        leg.tls_name = GATEWAY_TLS_NAME
+        argv += [
+            "--tlscert",
+            str(tls.gateway_cert),
+            "--tlskey",
+            str(tls.gateway_key),
+            "--replica-tlscacert",
+            str(tls.ca),
+            "--replica-servername",
+            SINK_TLS_NAME,
+        ]
     leg.note = " ".join(shlex.quote(a) for a in argv)
     try:
         # Each gateway's admin server on a free port (two gateways run side by side); an
@@ -853,7 +966,13 @@ async def start_gateway(leg: Leg, args: argparse.Namespace, tmp: Path, sink_port
             if not leg.proc.alive():
                 raise UploadError(f"buildkit-gateway exited with code {leg.proc.p.returncode}")
             try:
-                status = await grpc_unary_ok(leg.port, "/moby.buildkit.v1.Control/ListWorkers", 3)
+                status = await grpc_unary_ok(
+                    leg.port,
+                    "/moby.buildkit.v1.Control/ListWorkers",
+                    3,
+                    tls.client if tls is not None else None,
+                    leg.tls_name,
+                )
                 if status == "0":
                     return
                 last = f"ListWorkers grpc-status {status}"
@@ -867,13 +986,15 @@ async def start_gateway(leg: Leg, args: argparse.Namespace, tmp: Path, sink_port
 
 
 async def run_upload(
-    leg: Leg, payload: Payload, sink: Proc, timeout: float
-) -> dict[str, float | int | None]:
+    leg: Leg, payload: Payload, sink: Proc, timeout: float, tls: BenchTls | None = None
+) -> dict[str, float | int | str | None]:
     proxy_pid = leg.proc.pid if leg.proc else None
     c0 = cpu_seconds(proxy_pid) if proxy_pid else (0.0, 0.0)
     s0 = cpu_seconds(sink.pid)
     own0 = time.process_time()
-    res = await upload_once(leg.port, payload, timeout)
+    res = await upload_once(
+        leg.port, payload, timeout, tls.client if tls is not None else None, leg.tls_name
+    )
     own1 = time.process_time()
     s1 = cpu_seconds(sink.pid)
     c1 = cpu_seconds(proxy_pid) if proxy_pid else (0.0, 0.0)
@@ -908,11 +1029,13 @@ def report(
 ) -> dict[str, object]:
     direct = next((lg for lg in legs if lg.name == "direct" and lg.runs), None)
     d_med = median([float(r["seconds"]) for r in direct.runs]) if direct else None
+    label = f"{ends} ends, TLS" if args.tls else f"{ends} ends"
+    base = "TLS direct" if args.tls else "direct"  # what every ratio of this run is against
     print()
     print(
         f"Session upload {args.size_mb} MB: {payload.messages} BytesMessages "
         f"(sizes {','.join(map(str, args.msg_sizes))} cycled), {payload.wire_bytes} bytes on the "
-        f"stream; median of {args.repeats} interleaved runs per leg; {ends} ends"
+        f"stream; median of {args.repeats} interleaved runs per leg; {label}"
     )
     hdr = (
         f"{'leg':<9} {'time s':>7} {'(min-max)':>13} {'direct/path':>11} {'proxy CPU s':>11} "
@@ -961,9 +1084,14 @@ def report(
             "runs": lg.runs,
             "errors": lg.errors,
             "note": lg.note,
+            "tls": lg.runs[-1].get("tls"),
+            "sink_tls": lg.runs[-1].get("sink_tls"),
         }
     print()
     for lg in legs:
+        negotiated = lg.runs[-1].get("tls") if lg.runs else None
+        if negotiated:  # the client's connection (to the gateway: its listener) and the sink's
+            print(f"{lg.name}: TLS client side {negotiated}, sink side {lg.runs[-1]['sink_tls']}")
         if lg.note:
             print(f"{lg.name}: {lg.note}")
     print(
@@ -979,21 +1107,21 @@ def report(
         if not isinstance(sm, dict):
             continue
         if "skipped" in sm:
-            print(f"SUMMARY {name} [{ends} ends]: skipped ({str(sm['skipped']).splitlines()[0]})")
+            print(f"SUMMARY {name} [{label}]: skipped ({str(sm['skipped']).splitlines()[0]})")
             continue
         print(
-            f"SUMMARY {name} [{ends} ends]: direct/path {fmt(sm['ratio_direct_over_path'], '.2f')} "
+            f"SUMMARY {name} [{label}]: direct/path {fmt(sm['ratio_direct_over_path'], '.2f')} "
             f"(per-round median {fmt(sm['ratio_paired_median'], '.2f')}), "
-            f"{sm['median_s']:.3f} s (direct {fmt(d_med, '.3f')} s), proxy CPU "
+            f"{sm['median_s']:.3f} s ({base} {fmt(d_med, '.3f')} s), proxy CPU "
             f"{fmt(sm['proxy_cpu_s'], '.3f')} s per upload, "
             f"{fmt(sm['proxy_cpu_us_per_frame'], '.1f')} us per DATA frame"
         )
-    cur, base = summary.get("gateway"), summary.get("gateway-base")
-    if isinstance(cur, dict) and isinstance(base, dict) and "skipped" not in cur and (
-            "skipped" not in base):
-        r_cur, r_base = cur["ratio_paired_median"], base["ratio_paired_median"]
+    cur, old = summary.get("gateway"), summary.get("gateway-base")
+    if isinstance(cur, dict) and isinstance(old, dict) and "skipped" not in cur and (
+            "skipped" not in old):
+        r_cur, r_base = cur["ratio_paired_median"], old["ratio_paired_median"]
         if isinstance(r_cur, float) and isinstance(r_base, float) and r_base:
-            print(f"SUMMARY gateway vs gateway-base [{ends} ends]: per-round ratio {r_cur:.2f} vs "
+            print(f"SUMMARY gateway vs gateway-base [{label}]: per-round ratio {r_cur:.2f} vs "
                   f"{r_base:.2f} ({(r_cur / r_base - 1) * 100:+.1f}%)")
     return summary
 
@@ -1003,6 +1131,10 @@ ENDS = {
     "work": "client and sink also do buildctl's and buildkitd's I/O per message "
     "(read a file; copy, sha256 and write a file)",
 }
+TLS_LEGS = (
+    "; every leg TLS: client -> TLS sink, client -> haproxy tcp (TLS passed through) -> TLS sink, "
+    "client -> gateway TLS listener -> TLS sink; ratios against TLS direct"
+)
 
 
 async def amain(args: argparse.Namespace) -> int:
@@ -1013,14 +1145,20 @@ async def amain(args: argparse.Namespace) -> int:
     results: dict[str, object] = {}
     rc = 0
     for ends in args.ends:
-        print(f"\n=== {ends} ends: {ENDS[ends]} ===", flush=True)
+        tls = ", TLS" if args.tls else ""
+        print(f"\n=== {ends} ends{tls}: {ENDS[ends]}{TLS_LEGS if args.tls else ''} ===", flush=True)
         code, results[ends] = await run_ends(args, ends, payload, t_start)
         rc = max(rc, code)  # 0 only if every kind of ends had a leg that worked
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(
             json.dumps(
-                {"size_mb": args.size_mb, "messages": payload.messages, "ends": results},
+                {
+                    "size_mb": args.size_mb,
+                    "messages": payload.messages,
+                    "tls": args.tls,
+                    "ends": results,
+                },
                 indent=2,
             )
         )
@@ -1050,7 +1188,11 @@ async def run_ends(
     sink_argv = [sys.executable, str(BENCH_DIR / "sink.py"), "--port", "0"]
     work: Path | None = None
     warm = Payload(min(size, 8 << 20), tuple(args.msg_sizes))
+    tls: BenchTls | None = None
     try:
+        if args.tls:
+            tls = BenchTls.make(tmp / "tls")
+            sink_argv += ["--tls-cert", str(tls.sink_cert), "--tls-key", str(tls.sink_key)]
         if ends == "work":
             work = Path(tempfile.mkdtemp(prefix="bench-upload-work-", dir=_work_dir(size)))
             payload.to_file(work / "context.bin")
@@ -1073,10 +1215,16 @@ async def run_ends(
             if lg.name == "direct":
                 lg.port = sink_port
                 lg.note = f"sink on 127.0.0.1:{sink_port} (bench/sink.py, pid {sink.pid})"
+                if tls is not None:
+                    lg.tls_name = SINK_TLS_NAME
+                    lg.note += f", TLS as {SINK_TLS_NAME}"
             elif lg.name == "haproxy":
                 await start_haproxy(lg, args, tmp, sink_port)
+                if tls is not None:  # mode tcp: the client's TLS goes through to the sink
+                    lg.tls_name = SINK_TLS_NAME
+                    lg.note += " (mode tcp: the client's TLS passed through to the TLS sink)"
             elif lg.name in ("gateway", "gateway-base"):
-                await start_gateway(lg, args, tmp, sink_port)
+                await start_gateway(lg, args, tmp, sink_port, tls)
             if lg.proc:
                 procs.append(lg.proc)
         # warm-up: one small upload per leg (also the gateway's go/no-go)
@@ -1084,7 +1232,7 @@ async def run_ends(
             if lg.skipped:
                 continue
             try:
-                await run_upload(lg, warm, sink, min(args.timeout, 30))
+                await run_upload(lg, warm, sink, min(args.timeout, 30), tls)
             except (UploadError, OSError) as e:
                 tail = lg.proc.tail() if lg.proc else ""
                 lg.skipped = f"warm-up upload failed: {e}" + (f"\n{tail}" if tail else "")
@@ -1101,7 +1249,7 @@ async def run_ends(
                 if len(lg.errors) >= 2 and not lg.runs:
                     continue  # failed twice, never worked: stop spending time on it
                 try:
-                    r = await run_upload(lg, payload, sink, args.timeout)
+                    r = await run_upload(lg, payload, sink, args.timeout, tls)
                     r["round"] = rep
                     lg.runs.append(r)
                     print(
@@ -1167,6 +1315,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma list, each a full run (default both): lean = client and sink only move "
         "bytes; work = they also do buildctl's and buildkitd's I/O per message (the client "
         "reads each message from a file; the sink copies, sha256-hashes and writes it to a file)",
+    )
+    ap.add_argument(
+        "--tls",
+        action="store_true",
+        help="every leg over TLS, against TLS direct: the sink serves TLS (ALPN h2), the client "
+        "offers ALPN h2; haproxy passes TLS through (mode tcp); the gateway terminates TLS on its "
+        "listener (--tlscert/--tlskey) and dials the sink over TLS (--replica-tlscacert, "
+        "--replica-servername). Certificates are made at run time with trustme",
     )
     ap.add_argument("--timeout", type=float, default=30, help="limit per upload, s (30)")
     ap.add_argument(

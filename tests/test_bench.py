@@ -43,6 +43,31 @@ def test_both_kinds_of_ends_through_the_gateway(tmp_path: Path) -> None:
     assert "SUMMARY gateway [work ends]" in result.stdout
 
 
+def test_tls_legs_through_the_gateway(tmp_path: Path) -> None:
+    # --tls: TLS sink, client offering ALPN h2, the gateway's TLS listener dialing the sink over
+    # TLS; the ratios are against TLS direct, and the client checked ALPN h2 on both hops.
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "upload.py"), "--tls", "--size-mb", "2",
+         "--repeats", "2", "--legs", "direct,gateway", "--json", str(out), "--deadline", "60"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(out.read_text())
+    assert report["tls"] is True and set(report["ends"]) == {"lean", "work"}
+    for legs in report["ends"].values():
+        for name in ("direct", "gateway"):
+            leg = legs[name]
+            assert "skipped" not in leg, leg
+            assert len(leg["runs"]) == 2 and not leg["errors"]
+            assert all(r["sink_bytes"] == r["wire_bytes"] for r in leg["runs"])
+            assert all(r["tls"].endswith(" h2") and r["sink_tls"].endswith(" h2")
+                       for r in leg["runs"])
+    for ends in ("lean", "work"):
+        assert f"SUMMARY gateway [{ends} ends, TLS]: direct/path " in result.stdout
+        assert "(TLS direct " in result.stdout
+
+
 async def test_work_sink_reports_the_hash_the_client_checks(tmp_path: Path) -> None:
     sink = await asyncio.create_subprocess_exec(
         sys.executable, str(ROOT / "bench" / "sink.py"), "--port", "0",

@@ -153,6 +153,11 @@ class Metrics:
         self.probe_failures = Counter(
             PREFIX + "probe_failures", "Failed active probes of a replica.",
             ["pool", "replica"], registry=registry)
+        self.tenant_builds = Counter(
+            PREFIX + "tenant_builds_started", "Builds placed, by tenant: the client "
+            "certificate's name with mTLS (as many as the CA issues), '-' for clients "
+            "without one (addresses would be unbounded).", ["pool", "tenant"],
+            registry=registry)
         self.client_limits = Counter(
             PREFIX + "client_limits", "Limits clients hit, by kind (rates: resets, pings, "
             "settings, refused_streams; timeouts: handshake_timeout, header_timeout, idle, "

@@ -379,6 +379,7 @@ class Hub:
             call.build = (placed.ref, placed.replica)
         pool = self.pool_of(placed.replica)
         if call is not None and not placed.internal:
+            self.metrics.tenant_builds.labels(pool, call.client.identity or "-").inc()
             tenant = (pool, call.client.tenant)
             self._build_tenants[(placed.ref, placed.replica)] = tenant
             self.tenant_builds[tenant] = self.tenant_builds.get(tenant, 0) + 1

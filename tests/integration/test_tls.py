@@ -94,9 +94,12 @@ async def test_a_client_offering_no_alpn_builds_and_is_named_by_its_certificate(
 
         gw.hub.client_opened = client_opened  # type: ignore[method-assign]
         out, alpn, _cert = await build_over(gw, client_tls(pki, cert=pki.client))
+        counted = gw.metrics.tenant_builds.labels(
+            "default", "ci-runner-7.builders.example")._value.get()
     assert out.ok, out.error
     assert alpn is None
     assert seen == ["ci-runner-7.builders.example"]
+    assert counted == 1  # the identity in the metrics too
 
 
 async def test_a_client_offering_h2_gets_h2_selected(pki: Pki) -> None:

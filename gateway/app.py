@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -37,14 +37,13 @@ from gateway.discovery import kube as kubernetes
 from gateway.discovery.watch import PodWatch
 from gateway.metrics import Metrics
 from gateway.relay.client import ClientConn
-from gateway.relay.hub import Hub
+from gateway.relay.hub import Hub, Spawn
 from gateway.relay.tls import ListenerTls, replica_context
 from gateway.replicas.registry import Registry, Replica
 from gateway.scaling.scaler import Demand, PoolScaler
 
 log = logging.getLogger("gateway")
 
-Spawn = Callable[[Coroutine[Any, Any, None], str], None]
 FIRST_LIST_WAIT = 5.0
 """Seconds start-up waits for the pod watches' first lists (the API may be down: then the
 gateway starts with no pods and the watches keep trying)."""

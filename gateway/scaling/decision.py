@@ -20,7 +20,7 @@ while its pods start does not ask for more pods again.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from gateway.config import ScalingSettings
@@ -92,8 +92,10 @@ class Pod:
     busy: bool  # runs a build through this gateway, or a queued build waits for it
 
 
-def victims(pods: Iterable[Pod], replicas: int) -> tuple[str, ...]:
-    """Pods to remove to come down to `replicas`: idle ones only, unready first, newest first.
+def victims(pods: Iterable[Pod], replicas: int, *,
+            prefer: Collection[str] = ()) -> tuple[str, ...]:
+    """Pods to remove to come down to `replicas`: idle ones only, those in `prefer` (already
+    draining) first, then unready ones, then the newest.
 
     Terminating pods are already leaving and do not count. Fewer victims than asked for when
     not enough pods are idle (the count then stays above `replicas`).
@@ -103,7 +105,8 @@ def victims(pods: Iterable[Pod], replicas: int) -> tuple[str, ...]:
     if extra <= 0:
         return ()
     idle = sorted((p for p in staying if not p.busy),
-                  key=lambda p: (p.ready, _newest_first(p.created), _newest_first(p.name)))
+                  key=lambda p: (p.name not in prefer, p.ready, _newest_first(p.created),
+                                 _newest_first(p.name)))
     return tuple(p.name for p in idle[:extra])
 
 

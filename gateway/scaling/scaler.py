@@ -173,20 +173,20 @@ class PoolScaler:
         # controller removes pods that are not Ready before any deletion cost counts.
         down = d.replicas < current and not any(p.busy and not p.ready and not p.terminating
                                                 for p in pods)
-        chosen = self._choose(pods, d.replicas) if down else set()
+        chosen = set(decision.victims(pods, d.replicas, prefer=self.victims)) if down else set()
         self._drain(chosen)
         spared: set[str] = set()
         if chosen:
             await self._set_costs(decision.deletion_costs(pods, chosen))
             # Look again after the awaits: a victim that got a (bound) build keeps it.
-            spared = chosen & self._demand(self.pool).busy
+            busy = self._demand(self.pool).busy
+            spared = chosen & busy
             if spared:
                 log.info("scale-down victim got busy; spared", extra={
                     "pool": self.pool, "pods": ",".join(sorted(spared))})
                 chosen -= spared
                 self._drain(chosen)
         live = self._live()
-        busy = self._demand(self.pool).busy
         if d.replicas >= current:
             target = d.replicas
         elif not down:
@@ -217,16 +217,6 @@ class PoolScaler:
         await self._set_costs({**{name: None for name in uncost},
                                **{name: decision.BUSY_COST for name in spared}})
         self._publish_starting()
-
-    def _choose(self, pods: list[decision.Pod], replicas: int) -> set[str]:
-        """Victims for `replicas`, keeping those already draining where they still fit."""
-        staying = [p for p in pods if not p.terminating]
-        extra = len(staying) - replicas
-        if extra <= 0:
-            return set()
-        kept = [p.name for p in staying if p.name in self.victims and not p.busy][:extra]
-        others = [p for p in staying if p.name not in kept]
-        return set(kept) | set(decision.victims(others, len(others) - (extra - len(kept))))
 
     def _leave(self, chosen: set[str]) -> None:
         """The count is being lowered with these victims: nothing new goes to them now."""

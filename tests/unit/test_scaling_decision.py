@@ -109,6 +109,9 @@ def test_victims_are_idle_unready_first_then_newest() -> None:
     assert victims(pods, 2) == ("d", "b")
     assert victims(pods, 1) == ("d", "b", "a")
     assert victims(pods, 0) == ("d", "b", "a")  # c is busy: never a victim
+    # pods already draining stay the victims, rather than draining others in their place
+    assert victims(pods, 3, prefer={"a"}) == ("a",)
+    assert victims(pods, 3, prefer={"c"}) == ("d",)  # a busy one is never kept as a victim
 
 
 def test_costs_are_low_on_victims_and_high_on_busy_pods() -> None:

@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -94,7 +94,8 @@ class Gateway:
             except Exception as exc:  # the client's own ConfigException and file errors
                 raise ConfigError(f"cannot configure the Kubernetes client (--kubeconfig, "
                                   f"--kube-context, in-cluster): {exc}") from exc
-        self.tls = ListenerTls(settings.tls) if settings.tls is not None else None
+        self.tls = (ListenerTls(settings.tls, metrics=self.metrics)
+                    if settings.tls is not None else None)
         replica_tls = (replica_context(settings.replica_tls)
                        if settings.replica_tls is not None else None)
         workdir = tempfile.mkdtemp(prefix="buildkit-gateway-")
@@ -237,10 +238,13 @@ class Gateway:
                                                    ep.path)
             self.listening.append(ep)
         else:
-            tls = self.tls.context if self.tls is not None else None
-            server = await loop.create_server(
-                lambda: ClientConn(hub, listener=label), ep.host, ep.port, ssl=tls,
-                ssl_handshake_timeout=self.settings.relay.handshake_timeout if tls else None)
+            def conn() -> ClientConn:
+                return ClientConn(hub, listener=label)
+            factory: Callable[[], asyncio.BaseProtocol] = conn
+            if self.tls is not None:  # TLS by the relay's own protocol (relay/tls.py)
+                factory = self.tls.protocol(
+                    conn, handshake_timeout=self.settings.relay.handshake_timeout)
+            server = await loop.create_server(factory, ep.host, ep.port)
             port = server.sockets[0].getsockname()[1]
             self.listening.append(Endpoint("tcp", host=ep.host, port=port))
         return server

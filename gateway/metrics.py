@@ -163,6 +163,11 @@ class Metrics:
             "settings, refused_streams; timeouts: handshake_timeout, header_timeout, idle, "
             "write_timeout; connections, connections_per_client); each ends or refuses a "
             "connection, except idle which closes it.", ["kind"], registry=registry)
+        self.tls_refused = Counter(
+            PREFIX + "tls_handshakes_refused", "Client TLS handshakes the listener refused, by "
+            "reason (no_certificate, expired_certificate, untrusted_certificate, protocol, "
+            "timeout); each sent the client its TLS alert and is logged.", ["reason"],
+            registry=registry)
         # Kubernetes discovery and autoscaling (absent without them, but for kube_api_up).
         self.kube_api_up = Gauge(
             PREFIX + "kube_api_up", "1 while the Kubernetes API answered the gateway's last "

@@ -54,6 +54,7 @@ SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_s
 # Families a test cannot easily produce samples for: only their HELP/TYPE lines are checked.
 MAY_BE_EMPTY = {"buildkit_gateway_replica_ejections", "buildkit_gateway_probe_failures",
                 "buildkit_gateway_queue_full", "buildkit_gateway_client_limits",
+                "buildkit_gateway_tls_handshakes_refused",
                 # Kubernetes discovery and autoscaling: no samples without a cluster
                 "buildkit_gateway_kube_api_errors", "buildkit_gateway_kube_watch_restarts",
                 "buildkit_gateway_scale_events", "buildkit_gateway_scaler_current_replicas",

@@ -112,27 +112,25 @@ async def test_a_client_offering_h2_gets_h2_selected(pki: Pki) -> None:
     assert alpn == "h2"
 
 
-async def refused(gw: Gateway, tls: ssl.SSLContext) -> int:
-    """HTTP/2 bytes the gateway sent a client before closing on it (its SETTINGS come first
-    to any client it accepts). The server checks the certificate once the client's side of
-    a TLS 1.3 handshake is done, so the refusal shows at the first read: asyncio's (and
-    uvloop's) SSL protocol closes without the TLS alert, so the client sees EOF or a reset."""
+async def refused(gw: Gateway, tls: ssl.SSLContext) -> str:
+    """The TLS error a client gets from the gateway. In TLS 1.3 the server checks the client's
+    certificate after the client's side of the handshake is done, so the alert shows at the
+    first read (as it does for buildctl and buildx)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", gateway_port(gw), ssl=tls,
                                                    server_hostname="127.0.0.1")
-    got = 0
     try:
         writer.write(fr.PREFACE + fr.settings([]))
         async with asyncio.timeout(10):
-            while data := await reader.read(65536):
-                got += len(data)
-    except (ssl.SSLError, ConnectionResetError):
-        pass
+            while await reader.read(65536):
+                pass
+    except ssl.SSLError as exc:
+        return str(exc.reason)
     finally:
         writer.close()
-    return got
+    return "no TLS error"
 
 
-async def test_clients_without_a_good_certificate_are_refused(pki: Pki) -> None:
+async def test_clients_without_a_good_certificate_get_a_clear_tls_alert(pki: Pki) -> None:
     stranger = trustme.CA().issue_cert("intruder.example")
     expired = pki.ca.issue_cert(
         "old-runner.example", not_before=datetime.datetime(2020, 1, 1),
@@ -140,10 +138,15 @@ async def test_clients_without_a_good_certificate_are_refused(pki: Pki) -> None:
     async with running_replicas(1) as (replica,), running_gateway(
             [replica.address], *pki.gateway_args()) as gw:
         assert gw.hub is not None
-        for tls in (client_tls(pki), client_tls(pki, cert=stranger),
-                    client_tls(pki, cert=expired)):
-            assert await refused(gw, tls) == 0
+        assert await refused(gw, client_tls(pki)) == "TLSV13_ALERT_CERTIFICATE_REQUIRED"
+        assert await refused(gw, client_tls(pki, cert=stranger)) == "TLSV1_ALERT_UNKNOWN_CA"
+        assert await refused(gw, client_tls(pki, cert=expired)) == \
+            "SSLV3_ALERT_CERTIFICATE_EXPIRED"
         assert not gw.hub.clients
+        counted = {reason: gw.prometheus.get_sample_value(
+            "buildkit_gateway_tls_handshakes_refused_total", {"reason": reason})
+            for reason in ("no_certificate", "untrusted_certificate", "expired_certificate")}
+        assert counted == dict.fromkeys(counted, 1.0)
         out, _alpn, _cert = await build_over(gw, client_tls(pki, cert=pki.client))
     assert out.ok, out.error  # the gateway goes on serving good clients
 
@@ -222,3 +225,16 @@ async def test_a_replica_that_requires_a_client_certificate_refuses_a_gateway_wi
     finally:
         await replica.stop(grace=0)
     assert not state.ready and "UNAVAILABLE" in state.reason  # said, not silently skipped
+
+
+async def test_a_client_that_never_finishes_the_tls_handshake_is_closed_and_counted(
+        pki: Pki) -> None:
+    async with running_replicas(1) as (replica,), running_gateway(
+            [replica.address], *pki.gateway_args(), "--handshake-timeout", "0.5") as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway_port(gw))
+        writer.write(b"\x16\x03\x01")  # the start of a ClientHello, and nothing more
+        async with asyncio.timeout(10):
+            assert await reader.read() == b""  # closed by the gateway
+        writer.close()
+        assert gw.prometheus.get_sample_value(
+            "buildkit_gateway_tls_handshakes_refused_total", {"reason": "timeout"}) == 1.0

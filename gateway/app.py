@@ -30,6 +30,7 @@ from gateway.admin import status
 from gateway.admin.server import AdminServer
 from gateway.builds.ledger import Ledger
 from gateway.config import ConfigError, Endpoint, Settings
+from gateway.control.answers import CachedCalls
 from gateway.control.channels import Channels
 from gateway.control.probe import Prober, ReplicaCache
 from gateway.control.server import ControlServer
@@ -72,6 +73,7 @@ class Gateway:
         self.registry = Registry(static_replicas(settings))
         self.ledger = Ledger()
         self.cache = ReplicaCache()
+        self.answers = CachedCalls(self.registry, self.cache)  # answered by the relay itself
         self.channels = Channels(settings.replica_tls)
         self.listening: list[Endpoint] = []
         self.started = asyncio.Event()
@@ -231,15 +233,16 @@ class Gateway:
     async def _listen(self, hub: Hub, ep: Endpoint) -> asyncio.Server:
         loop = asyncio.get_running_loop()
         label = str(ep)
+
+        def conn() -> ClientConn:
+            return ClientConn(hub, listener=label, answers=self.answers)
+
         if ep.scheme == "unix":
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(ep.path)  # a stale socket from an earlier run
-            server = await loop.create_unix_server(lambda: ClientConn(hub, listener=label),
-                                                   ep.path)
+            server = await loop.create_unix_server(conn, ep.path)
             self.listening.append(ep)
         else:
-            def conn() -> ClientConn:
-                return ClientConn(hub, listener=label)
             factory: Callable[[], asyncio.BaseProtocol] = conn
             if self.tls is not None:  # TLS by the relay's own protocol (relay/tls.py)
                 factory = self.tls.protocol(

@@ -56,9 +56,13 @@ class ReplicaCache:
     def __init__(self) -> None:
         self.answers: dict[str, CachedAnswers] = {}
         self.last_of_pool: dict[str, CachedAnswers] = {}
+        self.version = 0  # bumped by every change (readers memoize on it)
         self._stored = asyncio.Event()
 
     def store(self, replica: Replica, answers: CachedAnswers) -> None:
+        if (self.answers.get(replica.id) != answers
+                or self.last_of_pool.get(replica.pool) != answers):
+            self.version += 1
         self.answers[replica.id] = answers
         self.last_of_pool[replica.pool] = answers
         self._stored.set()
@@ -69,6 +73,7 @@ class ReplicaCache:
         keep = set(ids)
         for gone in [i for i in self.answers if i not in keep]:
             del self.answers[gone]
+            self.version += 1
 
     def stored(self) -> Coroutine[Any, Any, bool]:
         """Completes once some replica's answers are stored after this call (the event is

@@ -2,7 +2,10 @@
 
 Design: a grpcio aio server on a private unix socket; the relay routes control-class calls to
 it like to any replica, so a pool at zero ready replicas or a build still waiting still gets
-`ListWorkers`, `Info` and health at once. Handlers take and return raw bytes:
+`ListWorkers`, `Info` and health at once. The relay answers ListWorkers, Info and health Check
+itself while the pool has cached answers (control/answers.py: the same answers, without
+grpcio's per-call cost); they reach this server only while the pool has none, to wait for
+one. Handlers take and return raw bytes:
 - ListWorkers: the cached responses of every replica concatenated (protobuf merges repeated
   field 1, so this is the union of worker records); Info: one ready replica's cached answer.
   A pool whose replicas all left answers with its last replica's answers. A pool that no
@@ -35,6 +38,7 @@ import grpc
 
 from gateway.buildkit import wire
 from gateway.builds.ledger import Ledger
+from gateway.control.answers import health, pool_answers
 from gateway.control.channels import Channels
 from gateway.control.probe import CachedAnswers, ReplicaCache
 from gateway.replicas.registry import Registry, Replica
@@ -46,8 +50,6 @@ OWNER_LOOKUP_TIMEOUT = 10.0
 log = logging.getLogger("gateway.control")
 
 FANOUT_TIMEOUT = 60.0
-SERVING = b"\x08\x01"
-NOT_SERVING = b"\x08\x02"
 
 
 class ControlServer:
@@ -115,14 +117,9 @@ class ControlServer:
         counted = False
         try:
             while True:
-                replicas = [r for r in self._replicas(context) if r.id in self.cache.answers]
-                answers = [self.cache.answers[r.id]
-                           for r in sorted(replicas, key=lambda r: not r.placeable)]
-                last = self.cache.last_of_pool.get(pool)
+                answers = pool_answers(self.registry, self.cache, pool)
                 if answers:
                     return answers
-                if last is not None:
-                    return [last]
                 if loop.time() >= deadline:
                     break
                 if not counted:  # a build about to come: it counts as demand
@@ -146,7 +143,7 @@ class ControlServer:
         return (await self._cached(context))[0].info
 
     def _health(self, context: grpc.aio.ServicerContext) -> bytes:
-        return SERVING if any(r.placeable for r in self._replicas(context)) else NOT_SERVING
+        return health(self.registry, self._pool(context))
 
     async def health_check(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return self._health(context)

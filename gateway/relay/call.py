@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 class Call:
     __slots__ = (
+        "answer",
         "authority",
         "b_in_done",
         "b_out_done",
@@ -81,6 +82,7 @@ class Call:
         self.first_decoded = False  # the first request message was read for routing
         self.solve_ref = ""  # a Solve's Ref, once decoded
         self.vertex_ref = ""  # the Ref whose wait this Status call shows
+        self.answer: bytes | None = None  # the cached answer sent once the request has ended
 
     def held_message(self, limit: int | None = None) -> bytes:
         """The bytes held so far, or their first `limit` (to decode the first message)."""

@@ -3,9 +3,12 @@
 Design: each new stream is classified by its :path (buildkit/wire.py). Calls of a build are
 handed to the connection's `ConnectionPlacement`; Solve and Status first wait for their first
 request message (the Ref lives there). Control-class calls go to the in-process control
-server, everything else to the replica placement chooses. Until routed, a stream's DATA is held
-and its credit withheld. Decisions are carried out at once: `Placed` records the build in the
-ledger, `Route` opens the stream on the replica's upstream, `Fail` ends it with a gRPC error.
+server, everything else to the replica placement chooses; ListWorkers, Info and health Check
+are answered by the connection itself from the pool's cached answers (`Answers`, supplied by
+control/answers.py) once the client's request has ended, as pre-framed bytes. Until routed, a
+stream's DATA is held and its credit withheld. Decisions are carried out at once: `Placed`
+records the build in the ledger, `Route` opens the stream on the replica's upstream, `Fail`
+ends it with a gRPC error.
 One timer per connection wakes placement at its earliest deadline.
 
 Garbage on the port (no HTTP/2 preface) is logged and the connection closed; a protocol error
@@ -19,7 +22,7 @@ import hashlib
 import logging
 import time
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway import errors
 from gateway.admission.progress import WAIT_NAME
@@ -58,6 +61,22 @@ HPACK_EXPANSION = 16
 POOL_HEADER = b"x-buildkit-gateway-pool"
 LINGER = 5.0  # seconds a finished connection waits for the client to close its side
 _OK_HEADERS = [(b":status", b"200"), (b"content-type", b"application/grpc")]
+_OK_BLOCK = encode(_OK_HEADERS)
+_OK_TRAILERS_BLOCK = encode([(b"grpc-status", b"0")])
+
+
+class Answers(Protocol):
+    """Control calls the relay answers itself (control/answers.py implements it)."""
+
+    def answer(self, pool: str, path: str) -> bytes | None:
+        """The gRPC-framed response message for `path` in `pool`, or None (route the call to
+        the control server)."""
+        ...
+
+
+class _NoAnswers:
+    def answer(self, pool: str, path: str) -> bytes | None:
+        return None
 
 
 def _rfc3339(ns: int) -> bytes:
@@ -68,8 +87,9 @@ def _rfc3339(ns: int) -> bytes:
 class ClientConn(H2Conn):
     role = "client"
 
-    def __init__(self, hub: Hub, *, listener: str) -> None:
+    def __init__(self, hub: Hub, *, listener: str, answers: Answers | None = None) -> None:
         super().__init__(hub.relay, name="client")
+        self.answers: Answers = answers or _NoAnswers()
         self.rx_bytes, self.rx_index = hub.metrics.relayed, UPSTREAM
         self.errors = hub.metrics.http2_errors
         self.hub = hub
@@ -343,7 +363,13 @@ class ClientConn(H2Conn):
             self._client_data(call, b"", 0, True)
         placement = self.placement
         if klass is wire.CallClass.CONTROL:
-            self._route(call, self.hub.control_id)
+            answer = self.answers.answer(self.pool, path)
+            if answer is None:
+                self._route(call, self.hub.control_id)
+            elif call.c_in_done:
+                self._answer(call, answer)
+            else:  # answered once the request has ended (`_client_data`)
+                call.answer = answer
         elif klass is wire.CallClass.SESSION:
             sid_value = (get(headers, wire.SESSION_UUID) or b"").decode("utf-8", "replace")
             sharedkey = (get(headers, wire.SESSION_SHAREDKEY) or b"").decode("utf-8", "replace")
@@ -394,7 +420,10 @@ class ClientConn(H2Conn):
         call.held.append((payload, end, flow_len))
         call.held_bytes += flow_len
         call.held_payload += len(payload)
-        if call.waiting and call.klass in _FIRST_MESSAGE:
+        if call.answer is not None:
+            if end:
+                self._answer(call, call.answer)
+        elif call.waiting and call.klass in _FIRST_MESSAGE:
             self._try_first_message(call)
 
     def _try_first_message(self, call: Call) -> None:
@@ -598,10 +627,10 @@ class ClientConn(H2Conn):
         """Answers a call with an OK response the gateway has at hand."""
         call.waiting = False
         self._drop_held(call)
-        self.sched.raw(call.csid, self.send_headers(call.csid, encode(_OK_HEADERS),
-                                                    end_stream=False), self.out)
+        self.sched.raw(call.csid, self.send_headers(call.csid, _OK_BLOCK, end_stream=False),
+                       self.out)
         self.sched.data(call.csid, body, False, self.out)
-        self.sched.raw(call.csid, self.send_headers(call.csid, encode([(b"grpc-status", b"0")]),
+        self.sched.raw(call.csid, self.send_headers(call.csid, _OK_TRAILERS_BLOCK,
                                                     end_stream=True), self.out, last=True)
         call.resp_headers_sent = True
         if not call.c_in_done:

@@ -123,8 +123,7 @@ class H2Conn(asyncio.Protocol):
         return HeaderDecoder(max_header_list_size=relay.max_header_list)
 
     def local_settings(self) -> list[tuple[int, int]]:
-        return [
-            (fr.SETTINGS_HEADER_TABLE_SIZE, 0),
+        return [  # SETTINGS_HEADER_TABLE_SIZE stays 4096: peers index repeated headers
             (fr.SETTINGS_INITIAL_WINDOW_SIZE, self._stream_window),
             (fr.SETTINGS_MAX_HEADER_LIST_SIZE, self.relay.max_header_list),
         ]

@@ -1,6 +1,8 @@
-"""Global calls: answered by the gateway's control server from caches or by fan-out."""
+"""Global calls: answered from caches (by the relay itself) or by fan-out (control server)."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 
@@ -60,3 +62,33 @@ async def test_list_workers_before_any_replica_answered_is_unavailable() -> None
                     await t.unary(CONTROL + "ListWorkers", b"", timeout=5)
     assert err.value.code == 14
     assert "no BuildKit replica has answered" in err.value.details
+
+
+@pytest.mark.parametrize("style", STYLES)
+async def test_the_relay_answers_cached_calls_itself_and_follows_changes(style: str) -> None:
+    async with running_replicas(2) as replicas, running_gateway(
+            [r.address for r in replicas]) as gw:
+        assert gw.control is not None
+        await gw.control.stop()  # whatever still answers is the relay
+        async with client(style, gateway_port(gw)) as t:
+            workers = cpb.ListWorkersResponse.FromString(
+                await t.unary(CONTROL + "ListWorkers", b"", timeout=5))
+            info = cpb.InfoResponse.FromString(await t.unary(CONTROL + "Info", b"", timeout=5))
+            serving = await t.unary("/grpc.health.v1.Health/Check", b"", timeout=5)
+            with pytest.raises(RpcError):  # fan-outs need the control server
+                await t.unary(CONTROL + "DiskUsage", b"", timeout=5)
+
+            none_ready = asyncio.Event()
+            gw.registry.subscribe(lambda snap: none_ready.set() if not any(
+                r.placeable for r in snap.replicas) else None)
+            for r in replicas:
+                await r.stop(grace=0)
+            async with asyncio.timeout(15):
+                await none_ready.wait()
+            not_serving = await t.unary("/grpc.health.v1.Health/Check", b"", timeout=5)
+            still = cpb.ListWorkersResponse.FromString(
+                await t.unary(CONTROL + "ListWorkers", b"", timeout=5))
+    assert {w.ID for w in workers.record} == {"r0", "r1"}
+    assert info.buildkitVersion.version == "v0.fake"
+    assert (serving, not_serving) == (b"\x08\x01", b"\x08\x02")
+    assert {w.ID for w in still.record} == {"r0", "r1"}  # the last answers, as before

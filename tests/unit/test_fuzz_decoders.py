@@ -258,7 +258,7 @@ def _decode(decoder: hd.HeaderDecoder, block: bytes) -> hd.Headers | None:
 
 def _hpack_blocks(draw: st.DrawFn, lists: list[hd.Headers]) -> list[bytes]:
     """Blocks of a real, stateful HPACK encoder (dynamic table, Huffman, table size
-    updates), as a peer that ignores our SETTINGS_HEADER_TABLE_SIZE = 0 would send them."""
+    updates), as a peer using the dynamic table the gateway allows sends them."""
     encoder = hpack.Encoder()
     if draw(st.booleans()):
         encoder.header_table_size = draw(st.sampled_from([0, 256, 4096]))
@@ -313,6 +313,25 @@ def test_stateless_encoding_round_trips_whatever_the_table_holds(
     for who, headers in order:
         block = next(encoded) if who == "peer" else hd.encode(headers)
         assert decoder.decode(block) == headers
+
+
+@FUZZ
+@given(blocks=st.lists(st.one_of(st.binary(max_size=80), mutated(header_lists.map(hd.encode))),
+                       min_size=1, max_size=4))
+def test_header_decoder_agrees_with_the_hpack_library(blocks: list[bytes]) -> None:
+    """The gateway's own HPACK decoder against the `hpack` library's on any bytes: the same
+    list, or both refuse (and the connection ends)."""
+    ours = hd.HeaderDecoder(max_header_list_size=1 << 20)
+    reference = hpack.Decoder(max_header_list_size=1 << 20)
+    for block in blocks:
+        try:
+            expected: hd.Headers | None = [
+                (bytes(n), bytes(v)) for n, v in reference.decode(block, raw=True)]
+        except (hpack.HPACKError, ValueError, IndexError):
+            expected = None
+        assert _decode(ours, block) == expected
+        if expected is None:
+            break
 
 
 @st.composite

@@ -41,7 +41,10 @@ from gateway.relay.client import ClientConn
 from gateway.relay.hub import Hub, Spawn
 from gateway.relay.tls import ListenerTls, replica_context
 from gateway.replicas.registry import Registry, Replica
-from gateway.scaling.scaler import Demand, PoolScaler
+from gateway.scaling import shared
+from gateway.scaling.lease import Coordinator, own_identity
+from gateway.scaling.scaler import PoolScaler
+from gateway.scaling.shared import Demand
 
 log = logging.getLogger("gateway")
 
@@ -85,6 +88,7 @@ class Gateway:
         self.kube: kubernetes.Kube | None = None
         self.watches: dict[str, PodWatch] = {}
         self.scalers: dict[str, PoolScaler] = {}
+        self.coordinator: Coordinator | None = None  # with autoscaling (scaling/lease.py)
         self.control: ControlServer | None = None
 
     async def run(self) -> None:
@@ -181,8 +185,22 @@ class Gateway:
                     *(w.synced.wait() for w in self.watches.values())), FIRST_LIST_WAIT)
 
     def _scale(self, spawn: Spawn, hub: Hub) -> None:
-        """Starts a scaler per autoscaled pool; demand changes reach it synchronously."""
+        """Starts a scaler per autoscaled pool; demand changes reach it synchronously. With
+        any, the gateway also takes part in the election of the one gateway that scales and
+        publishes its demand (scaling/lease.py)."""
         kube = self.kube
+        autoscaled = {p.name: p.kube for p in self.settings.pools
+                      if p.scaling is not None and p.kube is not None}
+        if not autoscaled or kube is None:
+            return
+        names = list(autoscaled)
+        coordinator = Coordinator(
+            kube=kube, settings=self.settings.kube,
+            namespace=next(iter(autoscaled.values())).namespace or kube.namespace,
+            identity=own_identity(self.settings.kube.identity),
+            demand=lambda: {name: self._own_demand(name) for name in names},
+            memory=hub.affinity, metrics=self.metrics, on_change=self._leadership_changed)
+        self.coordinator = coordinator
         for pool in self.settings.pools:
             if pool.scaling is None or pool.kube is None or kube is None:
                 continue
@@ -192,22 +210,36 @@ class Gateway:
                                 pods=functools.partial(getattr, watch, "pods"),
                                 synced=watch.synced,
                                 demand=self._demand, metrics=self.metrics,
-                                on_starting=hub.set_starting)
+                                on_starting=hub.set_starting,
+                                leading=lambda: coordinator.leading)
             self.scalers[pool.name] = scaler
             spawn(scaler.run(), f"scale pool {pool.name}")
-        if self.scalers:
-            hub.on_demand = self._poke
-            if self.control is not None:
-                self.control.on_demand = self._poke
+        spawn(coordinator.run(), "elect the scaler and publish demand")
+        hub.on_demand = self._poke
+        if self.control is not None:
+            self.control.on_demand = self._poke
 
     def _poke(self, pool: str) -> None:
         scaler = self.scalers.get(pool)
         if scaler is not None:
             scaler.poke()
+        if self.coordinator is not None:
+            self.coordinator.demand_changed()
+
+    def _leadership_changed(self) -> None:
+        for scaler in self.scalers.values():
+            scaler.poke()
 
     def _demand(self, pool: str) -> Demand:
-        """A pool's builds: placed, queued (and calls waiting for a first replica), and the
-        replicas they keep busy."""
+        """Every gateway's demand for a pool (the others' as they published it)."""
+        own = self._own_demand(pool)
+        if self.coordinator is None:
+            return own
+        return shared.total(own, self.coordinator.others(pool))
+
+    def _own_demand(self, pool: str) -> Demand:
+        """This gateway's builds of a pool: placed, queued (and calls waiting for a first
+        replica), and the replicas they keep busy."""
         assert self.hub is not None
         ids = {r.id for r in self.registry.snapshot.replicas if r.pool == pool}
         loads = self.ledger.loads()
@@ -225,6 +257,7 @@ class Gateway:
         return {
             "kubernetes": self.kube.health.document(now),
             "scaling": {name: s.document(now) for name, s in self.scalers.items()},
+            "election": self.coordinator.document(now) if self.coordinator else None,
             "discovery": {name: {"namespace": w.namespace, "selector": w.selector,
                                  "pods": len(w.pods), "resource_version": w.resource_version}
                           for name, w in self.watches.items()},
@@ -260,6 +293,10 @@ class Gateway:
             server.close()
         log.info("gateway stopping", extra={"clients": len(hub.clients),
                                             "queued": hub.queued()})
+        # 1b. Another gateway scales from now on (the election handed back at once); this one
+        #     goes on publishing the demand of its draining builds.
+        if self.coordinator is not None:
+            await self.coordinator.resign()
         # 2. No new builds: queued ones get UNAVAILABLE, running ones may finish, and each
         #    connection gets GOAWAY once its builds are done.
         for conn in list(hub.clients):
@@ -275,6 +312,9 @@ class Gateway:
         await control.stop()
         if self.admin is not None:
             await self.admin.stop()
+        # 4. This gateway's demand is withdrawn (its Lease deleted).
+        if self.coordinator is not None:
+            await self.coordinator.withdraw()
         log.info("gateway stopped")
 
 

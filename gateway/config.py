@@ -163,6 +163,8 @@ class RoutingSettings:
     """Seconds a Solve waits for its Session (the sticky key) before using the fallback key."""
     hold_timeout: float
     """Seconds a Session/Status/LLBBridge call may wait for its build's Solve to be placed."""
+    affinity_keys: int = 10_000
+    """Sticky keys whose last replica the gateway remembers (cache affinity; 0: off)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +227,16 @@ class KubeSettings:
     """First delay before retrying a failed API call or watch; doubles up to backoff_max."""
     backoff_max: float = 10.0
     """Longest delay between retries while the API is down."""
+    lease: str = "buildkit-gateway"
+    """Name of the coordination.k8s.io Lease whose holder is the one gateway that scales
+    (several gateways, one scaler); each gateway also keeps a Lease `<lease>-<identity>` that
+    publishes its demand. In the gateway's namespace."""
+    lease_duration: float = 15.0
+    """How long a Lease holds without renewal: a dead leader is replaced, and a dead gateway's
+    demand forgotten, this long after their last renewal (renewed every fifth of it)."""
+    identity: str = ""
+    """This gateway among several (the Leases' holder); empty: $POD_NAME, else the host name
+    and a random suffix."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,6 +445,9 @@ OPTIONS: tuple[Option, ...] = (
            "CLIENT"),
     Option("--session-wait", "how long a Solve waits for its Session to learn its sticky key",
            "1s", parse_duration, metavar="DUR"),
+    Option("--affinity-keys", "sticky keys whose last replica is remembered: a key goes back "
+           "to the replica that holds its cache while that one takes builds, even after the "
+           "ring changed (0: off, the ring alone)", 10_000, _count),
     Option("--hold-timeout", "how long a call may wait for its build's Solve before it is "
            "routed by fallback", "1s", parse_duration, metavar="DUR"),
     Option("--stream-window", "flow-control window granted per client stream, bytes; at least "
@@ -476,6 +491,14 @@ OPTIONS: tuple[Option, ...] = (
            "service account, else ~/.kube/config", "", str, metavar="PATH"),
     Option("--kube-context", "kubeconfig context; empty: its current one", "", str,
            metavar="NAME"),
+    Option("--kube-lease", "name of the Lease that elects the one gateway that scales (the "
+           "others publish their demand to it in Leases <name>-<identity>)",
+           "buildkit-gateway", _name, metavar="NAME"),
+    Option("--kube-lease-duration", "how long a Lease holds unrenewed: a dead scaler is "
+           "replaced and a dead gateway's demand dropped this long after its last renewal",
+           "15s", parse_duration, metavar="DUR"),
+    Option("--identity", "this gateway's name among several (the Leases' holder); empty: "
+           "$POD_NAME, else the host name and a random suffix", "", str, metavar="NAME"),
     Option("--kube-namespace", "namespace of the buildkitd pods; empty: the gateway's own "
            "(in a pod), else the kubeconfig context's, else default", "", _name, metavar="NS"),
     Option("--kube-deployment", "discover the pods of this buildkitd Deployment (and scale "
@@ -743,6 +766,8 @@ def _assemble(v: Mapping[str, Any], pools: tuple[PoolSettings, ...]) -> Settings
         raise ConfigError("--tlscacert needs --tlscert and --tlskey (TLS on the listener)")
     if v["handshake-timeout"] <= 0 or v["client-write-timeout"] <= 0:
         raise ConfigError("--handshake-timeout and --client-write-timeout must be positive")
+    if v["kube-lease-duration"] < 1:
+        raise ConfigError("--kube-lease-duration must be at least 1s")
     if v["max-request-header-list"] > v["max-header-list"]:
         raise ConfigError("--max-request-header-list must be at most --max-header-list")
     if v["stream-window"] > 2**31 - 1 or v["connection-window"] > 2**31 - 1:
@@ -750,7 +775,8 @@ def _assemble(v: Mapping[str, Any], pools: tuple[PoolSettings, ...]) -> Settings
     return Settings(
         listen=ListenSettings(v["listen"]),
         pools=pools,
-        routing=RoutingSettings(v["session-wait"], v["hold-timeout"]),
+        routing=RoutingSettings(v["session-wait"], v["hold-timeout"],
+                                affinity_keys=v["affinity-keys"]),
         relay=RelaySettings(v["stream-window"], v["connection-window"], v["max-header-list"],
                             v["max-client-streams"], v["max-connections"],
                             v["max-connections-per-client"], v["handshake-timeout"],
@@ -760,7 +786,8 @@ def _assemble(v: Mapping[str, Any], pools: tuple[PoolSettings, ...]) -> Settings
                             v["eject-backoff-max"], v["replica-dead-after"]),
         log=LogSettings(v["log-format"], v["log-level"]),
         admin=AdminSettings(v["admin-listen"], v["shutdown-grace"]),
-        kube=KubeSettings(v["kubeconfig"], v["kube-context"]),
+        kube=KubeSettings(v["kubeconfig"], v["kube-context"], lease=v["kube-lease"],
+                          lease_duration=v["kube-lease-duration"], identity=v["identity"]),
         tls=TlsSettings(v["tlscert"], v["tlskey"], v["tlscacert"]) if v["tlscert"] else None,
         replica_tls=ReplicaTlsSettings(v["replica-tlscacert"], v["replica-tlscert"],
                                        v["replica-tlskey"], v["replica-servername"])

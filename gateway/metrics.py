@@ -132,8 +132,12 @@ class Metrics:
             ["pool"], registry=registry)
         self.placements = Counter(
             PREFIX + "placements", "Placement decisions of non-internal builds by policy and "
-            "outcome (primary, spill, random, bound; queued: it waits, and counts again when "
-            "placed).", ["pool", "policy", "outcome"], registry=registry)
+            "outcome (primary, spill, random, bound, affinity; queued: it waits, and counts "
+            "again when placed).", ["pool", "policy", "outcome"], registry=registry)
+        self.affinity = Counter(
+            PREFIX + "affinity_placements", "Sticky placements by cache affinity: hit (placed "
+            "on the replica that last ran the key), miss (that replica gone or too loaded), "
+            "new (no memory of the key).", ["pool", "result"], registry=registry)
         self.client_connections = Counter(
             PREFIX + "client_connections_accepted", "Client connections accepted.",
             registry=registry)
@@ -172,6 +176,9 @@ class Metrics:
         self.kube_api_up = Gauge(
             PREFIX + "kube_api_up", "1 while the Kubernetes API answered the gateway's last "
             "call (also 1 without Kubernetes).", registry=registry)
+        self.scaler_leader = Gauge(
+            PREFIX + "scaler_leader", "1 on the gateway that scales (holds the scaler Lease), "
+            "0 on the others and without autoscaling.", registry=registry)
         self.kube_api_errors = Counter(
             PREFIX + "kube_api_errors", "Failed calls to the Kubernetes API, by operation.",
             ["operation"], registry=registry)

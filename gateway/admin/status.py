@@ -30,7 +30,8 @@ def replica_state(replica: Replica) -> str:
 def document(hub: Hub, *, version: str, started: float, now: float,
              wall: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The /api/status document. `now` is the loop clock, `wall` Unix time. `extra` holds the
-    Kubernetes parts: "kubernetes" (API reachability), "scaling" and "discovery" by pool."""
+    Kubernetes parts: "kubernetes" (API reachability), "election" (which gateway scales), "scaling"
+    and "discovery" by pool."""
     extra = extra or {}
     snap = hub.registry.snapshot
     active: dict[str, list[dict[str, Any]]] = {}
@@ -87,6 +88,7 @@ def document(hub: Hub, *, version: str, started: float, now: float,
             "streams": dict(sorted(hub.streams.items())),
         },
         "kubernetes": extra.get("kubernetes"),
+        "election": extra.get("election"),
         "pools": pools,
         "recent_builds": recent,
     }

@@ -2,8 +2,10 @@
 
 A pod is a replica when it has an IP, buildkitd's port resolves (a number, or a container
 port name) and it has not finished (Succeeded or Failed, as evicted pods are); it takes builds
-only while its Ready condition is true and it has no deletionTimestamp. The replica id is the
-pod name, so every gateway builds the same ring.
+only while its Ready condition is true and it has no deletionTimestamp, and no new build while
+it carries the scale-down victim's deletion cost (whichever gateway scales set it: so every
+gateway stops placing on a victim). The replica id is the pod name, so every gateway builds the
+same ring.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.replicas.registry import Replica
+from gateway.scaling.decision import VICTIM_COST
 
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 
@@ -33,7 +36,8 @@ class PodView:
             return None
         host = f"[{self.ip}]" if ":" in self.ip else self.ip
         return Replica(id=self.name, address=f"tcp://{host}:{self.port}", pool=pool,
-                       pod_ready=self.ready, terminating=self.terminating)
+                       pod_ready=self.ready, terminating=self.terminating,
+                       victim=self.cost == VICTIM_COST)
 
 
 def pod_view(obj: Mapping[str, Any], port: int | str) -> PodView:

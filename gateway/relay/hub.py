@@ -3,7 +3,7 @@
 Design: connections call the hub for decisions that need the whole gateway's view: picking a
 replica (a pure function of the registry snapshot, the ledger's loads and the pool's slots),
 the upstream of a replica, the admission queue of a pool, and reports of builds and failures.
-Per pool the hub keeps the hash ring (rebuilt only when the registry's version changes), the
+Per pool the hub keeps the hash ring (updated only when the registry's version changes), the
 admission queue and the cached LLBBridge Pong. Everything runs on the event loop thread, so no
 locks. Admission work is collapsed: any number of signals (a build ended, a replica became
 ready, a build was queued) schedule one admission pass and one refresh of the positions shown
@@ -16,7 +16,8 @@ import asyncio
 import logging
 import random
 import ssl
-from collections.abc import Callable, Coroutine
+import time
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,7 @@ from gateway.relay.backend import Upstream
 from gateway.relay.call import Call
 from gateway.relay.guard import Abuse
 from gateway.replicas.registry import Registry, Snapshot
+from gateway.routing import affinity
 from gateway.routing import pick as picking
 from gateway.routing.key import authority_name
 from gateway.routing.placement import WAIT, ConnectionPlacement, Pick, Placed
@@ -53,6 +55,12 @@ Spawn = Callable[[Coroutine[Any, Any, None], str], None]
 class PoolState:
     settings: PoolSettings
     queue: AdmissionQueue
+    # The pool's placeable replicas as of registry `version`, and the same as a set: one
+    # object while the set does not change (the key of the ledger's tallies of the pool).
+    placeable: tuple[str, ...] = ()
+    members: frozenset[str] = frozenset()
+    version: int = -1
+    # The hash ring over `members` as of `ring_version`: sticky picks bring it up to date.
     ring: HashRing = field(default_factory=lambda: HashRing(()))
     ring_version: int = -1
     pong: bytes | None = None  # a replica's LLBBridge Ping answer (DATA bytes, gRPC framed)
@@ -92,7 +100,12 @@ class Hub:
         self._spawn = spawn
         self.draining = False  # stopping: no new builds, /readyz false
         self.streams: dict[str, int] = {}  # call class -> open client streams
+        self._stream_counters: dict[str, Any] = {}  # call class -> its streams_opened child
         self._rng = rng or random.Random()
+        # Per sticky key the replica that last ran it (routing/affinity.py), shared with the
+        # other gateways by scaling/lease.py.
+        self.affinity = affinity.Memory(routing.affinity_keys)
+        self._wall = time.time  # affinity entries carry Unix time (merged across gateways)
         self.pools: dict[str, PoolState] = {
             p.name: PoolState(p, AdmissionQueue(max_queue=p.max_queue, timeout=p.queue_timeout,
                                                 max_per_tenant=p.tenant_max_queue))
@@ -166,6 +179,10 @@ class Hub:
 
         `queued` is set by admission: a new build may not take a slot while builds of its pool
         wait (in fair order), a queued one may. A tenant at its --tenant-max-builds waits.
+        Candidates are the pool's placeable replicas (its ring) open to the build: not running
+        its Ref already and, unless internal, below --max-builds (routing/pick.py). Nothing
+        here scans the pool: the open replicas' count and load are the ledger's running
+        tallies, the sticky walk stops at the replica it takes, two choices draws at random.
         """
         state = self.pools[pool]
         limit = state.settings.tenant_max_builds
@@ -180,27 +197,70 @@ class Hub:
             if internal or self._has_slot(state, target):
                 return target, picking.Outcome.BOUND
             return WAIT
-        candidates = snap.placeable(pool)
         if not internal and state.queue and not queued:
             return WAIT
+        self._candidates(state, snap)
         exclude = self.ledger.running_on(ref) if ref else frozenset()
-        free = [c for c in candidates
-                if c not in exclude and (internal or self._has_slot(state, c))]
-        if not free:
-            return WAIT
         loads = self.ledger.loads()
+        slots = 0 if internal else state.settings.max_builds
+        count, load = picking.open_share(self.ledger.tally(state.members, limit=slots),
+                                         state.members, loads, exclude=exclude, limit=slots)
+        if not count:
+            return WAIT
         if internal or key is None or state.settings.loadbalance == "random":
-            chosen = picking.two_choices(free, loads, self._rng)
+            chosen = picking.two_choices(state.placeable, loads, self._rng, exclude=exclude,
+                                         limit=slots)
             return WAIT if chosen is None else (chosen, picking.Outcome.RANDOM)
-        ring = self._ring(state, snap, candidates)
-        order = [r for r in ring.walk(key) if r in free]
-        chosen_pair = picking.bounded(order, loads, c=state.settings.load_factor)
-        return WAIT if chosen_pair is None else chosen_pair
+        cap = picking.load_cap(load=load, count=count, c=state.settings.load_factor)
+        chosen_pair = picking.bounded(self._ring(state).walk(key), loads, cap=cap,
+                                      exclude=exclude, limit=slots)
+        if chosen_pair is None:
+            return WAIT
+        if self.affinity.capacity:
+            return self._remembered(state, key, chosen_pair, loads, cap=cap, exclude=exclude,
+                                    limit=slots)
+        return chosen_pair
 
-    def _ring(self, state: PoolState, snap: Snapshot, candidates: tuple[str, ...]) -> HashRing:
-        if snap.version != state.ring_version:
-            state.ring = HashRing(candidates)
-            state.ring_version = snap.version
+    def _remembered(self, state: PoolState, key: str, ring_pick: tuple[str, picking.Outcome],
+                    loads: Mapping[str, int], *, cap: int, exclude: frozenset[str],
+                    limit: int) -> tuple[str, picking.Outcome]:
+        """Cache affinity: the replica that last ran `key` while it is placeable, open and
+        within the load bound, else the ring's pick, which becomes the key's memory."""
+        pool = state.settings.name
+        name = affinity.digest(pool, key)
+        last = self.affinity.last(name)
+        chosen = ring_pick
+        if last is None:
+            result = "new"
+        elif last == ring_pick[0]:
+            result = "hit"
+        elif (last in state.members and loads.get(last, 0) < cap
+              and picking.is_open(last, loads, exclude=exclude, limit=limit)):
+            chosen, result = (last, picking.Outcome.AFFINITY), "hit"
+        else:
+            result = "miss"
+        self.metrics.affinity.labels(pool, result).inc()
+        self.affinity.remember(name, chosen[0], now=self._wall())
+        return chosen
+
+    def _candidates(self, state: PoolState, snap: Snapshot) -> None:
+        """Brings the pool's placeable replicas up to `snap`, once per registry version; an
+        unchanged set keeps its `members` object (and so the ledger's running tallies)."""
+        if snap.version != state.version:
+            placeable = snap.placeable(state.settings.name)
+            members = frozenset(placeable)
+            if members != state.members:
+                state.members = members
+            state.placeable = placeable
+            state.version = snap.version
+
+    def _ring(self, state: PoolState) -> HashRing:
+        """The pool's ring over its placeable replicas, built by the first sticky pick and
+        updated at the first one after a version change: an unchanged set keeps the ring, a
+        few replicas changed are spliced in (HashRing.with_nodes)."""
+        if state.ring_version != state.version:
+            state.ring = state.ring.with_nodes(state.members)
+            state.ring_version = state.version
         return state.ring
 
     def locate(self, ref: str) -> str | None:
@@ -356,7 +416,10 @@ class Hub:
     def stream_opened(self, call: Call) -> None:
         klass = call.klass.value
         self.streams[klass] = self.streams.get(klass, 0) + 1
-        self.metrics.streams.labels(klass).inc()
+        counter = self._stream_counters.get(klass)
+        if counter is None:  # labels() costs a lock and a lookup: once per class
+            counter = self._stream_counters[klass] = self.metrics.streams.labels(klass)
+        counter.inc()
 
     def stream_closed(self, call: Call) -> None:
         self.streams[call.klass.value] -= 1

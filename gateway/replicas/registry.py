@@ -2,8 +2,9 @@
 
 Design: readers get an immutable `Snapshot` (frozen dataclasses) that the registry swaps in one
 assignment; discovery, health checking and the scaler are the only writers, each of its own
-fields: discovery owns membership, `address`, `pod_ready` and `terminating` (`sync_pool`); the
-prober owns `ready`, `ejected` and `reason`; the scaler owns `draining` and `leaving`. Every
+fields: discovery owns membership, `address`, `pod_ready`, `terminating` and `victim`
+(`sync_pool`); the prober owns `ready`, `ejected` and `reason`; the scaler owns `draining` and
+`leaving`. Every
 change bumps `version` and calls the listeners once, so caches keyed by the version (the hash
 ring) rebuild lazily.
 """
@@ -26,6 +27,8 @@ class Replica:
     reason: str = "not probed yet"  # why not ready
     pod_ready: bool = True  # discovery: the pod's Ready condition (static replicas: True)
     terminating: bool = False  # discovery: the pod has a deletionTimestamp
+    victim: bool = False  # discovery: the pod carries the scale-down victim's deletion cost
+    #                       (set by whichever gateway scales): like draining, on every gateway
 
     @property
     def serving(self) -> bool:
@@ -35,7 +38,7 @@ class Replica:
 
     @property
     def placeable(self) -> bool:
-        return self.serving and not self.draining
+        return self.serving and not self.draining and not self.victim
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +77,8 @@ class Registry:
         for new in members:
             old = current.get(new.id)
             if old is not None and old.pool == pool and old.address == new.address:
-                new = replace(old, pod_ready=new.pod_ready, terminating=new.terminating)
+                new = replace(old, pod_ready=new.pod_ready, terminating=new.terminating,
+                              victim=new.victim)
             merged.append(new)
         items = kept + tuple(merged)
         if items != self.snapshot.replicas:

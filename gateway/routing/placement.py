@@ -221,7 +221,7 @@ class ConnectionPlacement:
         target = self.history_replica or self.bound
         if target is not None:
             return [Route(stream, target)]
-        chosen = pick(self._fallback_key(), internal=True, ref="")
+        chosen = pick(None, internal=True, ref="")  # internal picks take no key: two choices
         if not isinstance(chosen, tuple):
             return [Fail(stream, errors.NoReplica(NO_REPLICA))]
         return [Route(stream, chosen[0])]

@@ -23,6 +23,11 @@ count, and carries it out:
 
 Errors of the API back off and retry; the decision's state survives them. Only this module and
 discovery/ talk to Kubernetes.
+
+Among several gateways only the leader (scaling/lease.py) acts; the demand it decides on is
+every gateway's (`demand` sums them). A follower's `poke` only publishes the replicas
+starting (pods not serving yet), and a gateway that stops leading gives its victims back to
+placement (their victim cost stays until the next leader removes it: `_stale_costs`).
 """
 
 from __future__ import annotations
@@ -30,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from kubernetes_asyncio import client
@@ -41,7 +45,8 @@ from gateway.discovery.pods import DELETION_COST, PodView
 from gateway.metrics import Metrics
 from gateway.replicas.registry import Registry
 from gateway.scaling import decision
-from gateway.scaling.decision import Decision, Recommendations
+from gateway.scaling.decision import VICTIM_COST, Decision, Recommendations
+from gateway.scaling.shared import Demand
 
 log = logging.getLogger("gateway.scaling")
 
@@ -49,21 +54,13 @@ LEAVING_GRACE = 30.0
 """Seconds a victim may stay after the count was lowered before it counts as not removed."""
 
 
-@dataclass(frozen=True, slots=True)
-class Demand:
-    """A pool's builds as the scaler counts them."""
-
-    running: int  # non-internal builds placed
-    queued: int  # builds (and calls at an empty pool) waiting for a replica
-    busy: frozenset[str]  # replicas that run a build, or that a queued build waits for
-
-
 class PoolScaler:
     def __init__(self, *, pool: str, policy: ScalingSettings, workload: KubeWorkload,
                  kube: Kube, settings: KubeSettings, registry: Registry,
                  pods: Callable[[], dict[str, PodView]], synced: asyncio.Event,
                  demand: Callable[[str], Demand], metrics: Metrics,
-                 on_starting: Callable[[str, int], None]) -> None:
+                 on_starting: Callable[[str, int], None],
+                 leading: Callable[[], bool] = lambda: True) -> None:
         self.pool = pool
         self.policy = policy
         self.workload = workload
@@ -76,6 +73,7 @@ class PoolScaler:
         self._synced = synced  # the pool's pods have been listed: victims can be chosen
         self._demand = demand
         self._on_starting = on_starting
+        self._leading = leading
         self._apps = client.AppsV1Api(kube.api)
         self._core = client.CoreV1Api(kube.api)
         self.recommendations = Recommendations()
@@ -92,6 +90,11 @@ class PoolScaler:
 
     def poke(self) -> None:
         """Demand or pods changed: decide now; wake the actuator if the count must change."""
+        if not self._leading():
+            if self.victims:  # leadership lost: placement gets them back
+                self.step_down()
+            self._publish_starting()
+            return
         if self.current is None:  # not read yet: the actuator decides once it has it
             self.wake.set()
             return
@@ -132,10 +135,14 @@ class PoolScaler:
                              p.created, busy=p.name in busy) for p in self._pods().values()]
 
     def _publish_starting(self) -> None:
-        """Pods asked for that do not serve yet (the wait a queued build shows)."""
+        """Pods asked for that do not serve yet (the wait a queued build shows): on the
+        leader from the count it set, on a follower from the pods that exist."""
         snap = self.registry.snapshot
         serving = sum(1 for r in snap.replicas if r.pool == self.pool and r.serving)
-        wanted = max(self.current or 0, self.last.replicas if self.last else 0)
+        if self._leading():
+            wanted = max(self.current or 0, self.last.replicas if self.last else 0)
+        else:
+            wanted = len(self._live())
         starting = max(0, wanted - serving)
         self.metrics.scaler_starting.labels(self.pool).set(starting)
         self._on_starting(self.pool, starting)
@@ -149,6 +156,10 @@ class PoolScaler:
         while True:
             await self.wake.wait()
             self.wake.clear()
+            if not self._leading():
+                self.current = None  # read again once leading: another gateway may set it
+                self.recommendations = Recommendations()
+                continue
             try:
                 await self._reconcile()
                 backoff = self.settings.backoff
@@ -213,10 +224,24 @@ class PoolScaler:
                                       "from": current, "to": target, "wanted": d.wanted,
                                       "victims": ",".join(sorted(chosen))})
         # Pods that are no victims any more lose their low cost; spared ones are busy.
-        uncost, self._uncost = self._uncost - self.victims - set(self.leaving), set()
+        uncost, self._uncost = (self._uncost | self._stale_costs()) - self.victims - set(
+            self.leaving), set()
         await self._set_costs({**{name: None for name in uncost},
                                **{name: decision.BUSY_COST for name in spared}})
         self._publish_starting()
+
+    def _stale_costs(self) -> set[str]:
+        """Pods with a victim's cost that are no victims of this scaler (a former leader's)."""
+        return {name for name, p in self._pods().items()
+                if p.cost == VICTIM_COST and not p.terminating and name not in self.victims
+                and name not in self.leaving}
+
+    def step_down(self) -> None:
+        """No longer the leader: victims take builds again here; the count is not ours."""
+        for name in sorted(self.victims | set(self.leaving)):
+            self.registry.update(name, draining=False, leaving=False)
+        self.victims.clear()
+        self.leaving.clear()
 
     def _leave(self, chosen: set[str]) -> None:
         """The count is being lowered with these victims: nothing new goes to them now."""

@@ -16,7 +16,7 @@ import random
 import signal
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from kubernetes_asyncio.client import ApiClient
 
 from gateway.app import Gateway
 from gateway.replicas.registry import Snapshot
+from gateway.routing.affinity import Entry
 from gateway.scaling.decision import BUSY_COST, VICTIM_COST
 from tests.conftest import gateway_port, running_gateway
 from tests.fakes import buildflow, kube
@@ -98,7 +99,8 @@ class Pool:
 
     def watch_gateway(self) -> None:
         """`changed` is set on every registry change, every change of a pool's builds and
-        every failed call to the Kubernetes API."""
+        every failed call to the Kubernetes API, every change of the election and every merge of
+        the other gateways' cache-affinity entries."""
         hub = self.gw.hub
         assert hub is not None
         self.gw.registry.subscribe(lambda _snapshot: self.changed.set())
@@ -118,6 +120,23 @@ class Pool:
             self.changed.set()
 
         health.failed = api_failed  # type: ignore[method-assign]
+        coordinator = self.gw.coordinator
+        if coordinator is not None:  # leadership or the others' demand changed
+            on_change = coordinator.on_change
+
+            def election_changed() -> None:
+                on_change()
+                self.changed.set()
+
+            coordinator.on_change = election_changed
+            merge = coordinator.memory.merge
+
+            def merged(entries: Iterable[Entry]) -> int:
+                taken = merge(entries)
+                self.changed.set()
+                return taken
+
+            coordinator.memory.merge = merged  # type: ignore[method-assign]
 
     @property
     def port(self) -> int:

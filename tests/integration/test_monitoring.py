@@ -59,7 +59,7 @@ MAY_BE_EMPTY = {"buildkit_gateway_replica_ejections", "buildkit_gateway_probe_fa
                 "buildkit_gateway_kube_api_errors", "buildkit_gateway_kube_watch_restarts",
                 "buildkit_gateway_scale_events", "buildkit_gateway_scaler_current_replicas",
                 "buildkit_gateway_scaler_desired_replicas",
-                "buildkit_gateway_scaler_starting_replicas"}
+                "buildkit_gateway_scaler_starting_replicas", "buildkit_gateway_scaler_leader"}
 
 T = TypeVar("T")
 

@@ -126,3 +126,46 @@ def test_loads_match_active_records(ops: list[tuple[bool, str, str, bool]]) -> N
             assert led.running_on(ref) == frozenset(running.get(ref, ()))
             if running.get(ref):
                 assert led.owner(ref) is None
+
+
+def _tally_by_hand(led: Ledger, replicas: frozenset[str], limit: int) -> tuple[int, int]:
+    loads = led.loads()
+    open_ = [r for r in replicas if not limit or loads.get(r, 0) < limit]
+    return len(open_), sum(loads.get(r, 0) for r in open_)
+
+
+def test_tally_counts_open_replicas_and_their_builds() -> None:
+    led = Ledger()
+    pool = frozenset({"A", "B", "C"})
+    assert led.tally(pool, limit=2) == (3, 0)
+    led.start("r1", "A", internal=False, now=0.0)
+    led.start("r2", "A", internal=False, now=0.0)  # A reaches the limit: no longer open
+    led.start("r3", "B", internal=False, now=0.0)
+    led.start("probe", "C", internal=True, now=0.0)  # internal builds are no load
+    led.start("r4", "D", internal=False, now=0.0)  # not in the set
+    assert led.tally(pool, limit=2) == (2, 1)
+    assert led.tally(pool) == (3, 3)  # no limit: every replica is open
+    led.finish("r1", "A", result="ok", now=1.0)  # A is open again, with its one build
+    assert led.tally(pool, limit=2) == (3, 2)
+    assert led.tally(pool) == (3, 2)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=st.lists(st.tuples(st.booleans(), st.sampled_from(["r1", "r2", "r3", "r4"]),
+                              st.sampled_from(["A", "B", "C"]), st.booleans(),
+                              st.integers(0, 5)), max_size=60),
+       keep=st.integers(1, 4))
+def test_tallies_kept_up_to_date_match_a_count_by_hand(
+    ops: list[tuple[bool, str, str, bool, int]], keep: int
+) -> None:
+    # sets and limits asked about in turn, more of them than the ledger keeps: evicted pairs
+    # are counted again, kept ones follow every start and finish
+    asks = [(frozenset(s), limit) for s in ("A", "AB", "BC", "ABC") for limit in (0, 1, 2)]
+    led = Ledger(keep_tallies=keep)
+    for t, (is_start, ref, rep, internal, ask) in enumerate(ops):
+        if is_start:
+            led.start(ref, rep, internal=internal, now=float(t))
+        else:
+            led.finish(ref, rep, result="ok", now=float(t))
+        for replicas, limit in asks[ask::5]:
+            assert led.tally(replicas, limit=limit) == _tally_by_hand(led, replicas, limit)

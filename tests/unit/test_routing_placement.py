@@ -316,11 +316,11 @@ def test_held_session_is_released_by_an_internal_solve_naming_it_without_binding
     assert cp.waiting() == 0
 
 
-def test_other_calls_pick_by_fallback_key_as_internal() -> None:
+def test_other_calls_pick_as_internal_without_a_key() -> None:
     cp = conn(authority="gw.example")
     pick = FakePicker("A")
     assert cp.other(3, pick) == [Route(3, "A")]
-    assert pick.calls == [("host:gw.example", True, "", None)]
+    assert pick.calls == [(None, True, "", None)]  # internal picks are two random choices
     assert failed(cp.other(5, FakePicker(None))) == {5: NOREP}
     assert failed(cp.other(7, FakePicker(WAIT))) == {7: NOREP}  # a lookup does not queue
     assert cp.bound is None

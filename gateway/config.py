@@ -108,6 +108,19 @@ class KubeWorkload:
     """Label selector of the pods; empty: the Deployment's own selector."""
     port: int | str
     """buildkitd's port in each pod: a number or a container port name."""
+    statefulset: str = ""
+    """A buildkitd StatefulSet instead of the Deployment: stable pod names, so each replica
+    keeps its cache volume and its place on the ring across restarts and scale events;
+    scale-down drains the highest ordinals and lowers the count once they are idle."""
+
+    @property
+    def kind(self) -> str:
+        return "StatefulSet" if self.statefulset else "Deployment"
+
+    @property
+    def name(self) -> str:
+        """The scaled workload's name ("" for discovery by selector alone)."""
+        return self.statefulset or self.deployment
 
 
 @dataclass(frozen=True, slots=True)
@@ -504,6 +517,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("--kube-deployment", "discover the pods of this buildkitd Deployment (and scale "
            "it with --max-replicas) instead of static --replica addresses", "", _name,
            metavar="NAME"),
+    Option("--kube-statefulset", "discover (and scale) the pods of this buildkitd StatefulSet "
+           "instead of a Deployment: stable pod names keep each replica's cache volume and "
+           "ring place; scale-down drains the highest ordinals first", "", _name,
+           metavar="NAME"),
     Option("--kube-selector", "label selector of the buildkitd pods (default: the "
            "Deployment's); alone, discovery without scaling", "", str, metavar="SEL"),
     Option("--kube-port", "buildkitd's port in each pod: a number or a container port name",
@@ -619,7 +636,8 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
 # Keys a pool may set; those it leaves out take the top-level value, except where it names
 # its replicas (replica, kube-deployment, kube-selector) and where it is reached (authority,
 # listen); the scaling keys only where the pool names a Deployment of its own.
-_KUBE_KEYS = ("kube-namespace", "kube-deployment", "kube-selector", "kube-port")
+_KUBE_KEYS = ("kube-namespace", "kube-deployment", "kube-statefulset", "kube-selector",
+              "kube-port")
 _SCALING_KEYS = ("min-replicas", "max-replicas", "target-builds", "scale-down-window")
 _POOL_KEYS = {"name", "replica", "loadbalance", "load-factor", "max-builds", "max-queue",
               "queue-timeout", "authority", "listen", "tenant-max-builds", "tenant-max-queue",
@@ -631,20 +649,23 @@ def _workload(name: str, v: Mapping[str, Any], where: str,
                                                        ScalingSettings | None]:
     """A pool's Kubernetes discovery and scaling, checked for sense."""
     kube = None
-    if v["kube-deployment"] or v["kube-selector"]:
+    if v["kube-deployment"] and v["kube-statefulset"]:
+        raise ConfigError(f"{where}: pool {name} names a Deployment and a StatefulSet; "
+                          "use one or the other")
+    if v["kube-deployment"] or v["kube-statefulset"] or v["kube-selector"]:
         if replicas:
             raise ConfigError(f"{where}: pool {name} has static replicas and Kubernetes "
                               "discovery; use one or the other")
         kube = KubeWorkload(v["kube-namespace"], v["kube-deployment"], v["kube-selector"],
-                            v["kube-port"])
+                            v["kube-port"], statefulset=v["kube-statefulset"])
     if not v["max-replicas"]:
         if v["min-replicas"]:
             raise ConfigError(f"{where}: pool {name} sets --min-replicas without "
                               "--max-replicas")
         return kube, None
-    if kube is None or not kube.deployment:
+    if kube is None or not kube.name:
         raise ConfigError(f"{where}: pool {name} sets --max-replicas but names no "
-                          "--kube-deployment to scale")
+                          "--kube-deployment or --kube-statefulset to scale")
     if v["min-replicas"] > v["max-replicas"]:
         raise ConfigError(f"{where}: pool {name}: --min-replicas {v['min-replicas']} is above "
                           f"--max-replicas {v['max-replicas']}")
@@ -698,9 +719,10 @@ def _pool(item: Any, where: str, top: Mapping[str, Any]) -> PoolSettings:
                                               "max-queue", "queue-timeout", "kube-namespace",
                                               "kube-port", "tenant-max-builds",
                                               "tenant-max-queue")}
-    v |= {key: one(key, "") for key in ("kube-deployment", "kube-selector")}
-    # Only a pool with a Deployment of its own takes the top-level scaling settings.
-    v |= {key: one(key, top[key] if v["kube-deployment"] else _DEFAULTS[key])
+    v |= {key: one(key, "") for key in ("kube-deployment", "kube-statefulset", "kube-selector")}
+    # Only a pool with a workload of its own takes the top-level scaling settings.
+    v |= {key: one(key, top[key] if v["kube-deployment"] or v["kube-statefulset"]
+                   else _DEFAULTS[key])
           for key in _SCALING_KEYS}
     replicas = many("replica", parse_endpoint)
     kube, scaling = _workload(name, v, where, replicas)
@@ -741,10 +763,10 @@ def _assemble(v: Mapping[str, Any], pools: tuple[PoolSettings, ...]) -> Settings
     replicas = [ep.name for p in pools for ep in p.replicas]
     if len(set(replicas)) != len(replicas):
         raise ConfigError("a replica is listed twice (in --replica or across pools)")
-    workloads = [(p.kube.namespace, p.kube.deployment) for p in pools
-                 if p.kube is not None and p.kube.deployment]
+    workloads = [(p.kube.namespace, p.kube.kind, p.kube.name) for p in pools
+                 if p.kube is not None and p.kube.name]
     if len(set(workloads)) != len(workloads):
-        raise ConfigError("a Deployment serves more than one pool")
+        raise ConfigError("a Deployment or StatefulSet serves more than one pool")
     authorities = [a for p in pools for a in p.authorities]
     if len(set(authorities)) != len(authorities):
         raise ConfigError("an authority selects more than one pool")

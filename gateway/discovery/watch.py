@@ -94,12 +94,17 @@ class PodWatch:
             backoff = min(backoff * 2, self.settings.backoff_max)
 
     async def _deployment_selector(self) -> str:
+        """The workload's pod selector, from its scale subresource (what the Role allows)."""
         apps = client.AppsV1Api(self.kube.api)
-        scale = await apps.read_namespaced_deployment_scale(self.workload.deployment,
-                                                            self.namespace)
+        if self.workload.statefulset:
+            scale = await apps.read_namespaced_stateful_set_scale(self.workload.statefulset,
+                                                                  self.namespace)
+        else:
+            scale = await apps.read_namespaced_deployment_scale(self.workload.deployment,
+                                                                self.namespace)
         selector = str(scale.status.selector or "")
         if not selector:
-            raise ValueError(f"Deployment {self.namespace}/{self.workload.deployment} has "
+            raise ValueError(f"{self.workload.kind} {self.namespace}/{self.workload.name} has "
                              "no selector")
         return selector
 

@@ -10,7 +10,9 @@ Design, as design.md "Scaling" and the HPA:
   so it holds at most max_replicas + 1 points;
 - never below the replicas that run builds, and never by removing one: `victims` chooses which
   pods go, idle ones only, pods that are not Ready before Ready ones (they serve nothing), then
-  the newest (as the ReplicaSet controller would).
+  the newest (as the ReplicaSet controller would). A StatefulSet's controller removes the
+  highest ordinals instead, whatever they run: `highest_ordinals` drains them first and lets
+  the count drop only below the busy ones.
 
 The current count is the workload's spec count, which includes pods that are starting: demand
 is turned into an absolute count, never added to what is already coming, so a burst that waits
@@ -108,6 +110,28 @@ def victims(pods: Iterable[Pod], replicas: int, *,
                   key=lambda p: (p.name not in prefer, p.ready, _newest_first(p.created),
                                  _newest_first(p.name)))
     return tuple(p.name for p in idle[:extra])
+
+
+def ordinal(name: str) -> int | None:
+    """A StatefulSet pod's ordinal (`<set>-<n>`), or None."""
+    _, sep, tail = name.rpartition("-")
+    return int(tail) if sep and tail.isdigit() else None
+
+
+def highest_ordinals(pods: Iterable[Pod], replicas: int) -> tuple[tuple[str, ...], int]:
+    """A StatefulSet coming down to `replicas`: its controller removes the highest ordinals,
+    whatever they run. So every staying pod at or above `replicas` drains (the first element,
+    highest first), and the count may drop only to just above the highest busy one among them
+    (the second): an idle tail goes at once, a busy pod holds the count until it is idle."""
+    draining = sorted(((n, p) for p in pods if not p.terminating
+                       and (n := ordinal(p.name)) is not None and n >= replicas),
+                      key=lambda item: item[0], reverse=True)
+    count = replicas
+    for n, pod in draining:
+        if pod.busy:
+            count = n + 1
+            break
+    return tuple(p.name for _, p in draining), count
 
 
 def _newest_first(text: str) -> tuple[int, ...]:

@@ -170,8 +170,7 @@ class PoolScaler:
                 self.wake.set()
 
     async def _reconcile(self) -> None:
-        scale = await self._apps.read_namespaced_deployment_scale(self.workload.deployment,
-                                                                  self.namespace)
+        scale = await self._read_scale()
         self.kube.health.succeeded()
         current = int(scale.spec.replicas or 0)
         self.current = current
@@ -180,6 +179,40 @@ class PoolScaler:
         d = self._decide(current)
         busy = self._demand(self.pool).busy
         pods = self._view(busy)
+        spared: set[str] = set()
+        if self.workload.statefulset:
+            target, chosen = self._by_ordinal(pods, d, current)
+        else:
+            target, chosen, spared = await self._by_cost(pods, d, current, busy)
+        if target != current:
+            if target < current:
+                self._leave(chosen)  # from now on nothing, not even a bound build, goes there
+            try:
+                await self._patch_scale(target)
+            except BaseException:
+                if target < current:
+                    self._stay(chosen)  # still victims: chosen again, or taken back, next time
+                raise
+            direction = "up" if target > current else "down"
+            self.current = target
+            self.metrics.scaler_current.labels(self.pool).set(target)
+            self.metrics.scale_events.labels(self.pool, direction).inc()
+            self.events.append((asyncio.get_running_loop().time(), direction, current, target))
+            del self.events[:-50]
+            log.info("scaled", extra={"pool": self.pool, "direction": direction,
+                                      "from": current, "to": target, "wanted": d.wanted,
+                                      "victims": ",".join(sorted(chosen))})
+        # Pods that are no victims any more lose their low cost; spared ones are busy.
+        uncost, self._uncost = (self._uncost | self._stale_costs()) - self.victims - set(
+            self.leaving), set()
+        await self._set_costs({**{name: None for name in uncost},
+                               **{name: decision.BUSY_COST for name in spared}})
+        self._publish_starting()
+
+    async def _by_cost(self, pods: list[decision.Pod], d: Decision, current: int,
+                       busy: frozenset[str]) -> tuple[int, set[str], set[str]]:
+        """A Deployment's count and victims (removed by the ReplicaSet controller in deletion
+        cost order), and the victims spared because they got a build meanwhile."""
         # Down only by idle victims, and not while a busy pod is not Ready: the ReplicaSet
         # controller removes pods that are not Ready before any deletion cost counts.
         down = d.replicas < current and not any(p.busy and not p.ready and not p.terminating
@@ -204,31 +237,35 @@ class PoolScaler:
             target = current
         else:  # down by the victims only: never a pod that was not chosen, never a busy one
             target = max(d.replicas, len(live) - len(chosen), len(busy & live))
-        if target != current:
-            if target < current:
-                self._leave(chosen)  # from now on nothing, not even a bound build, goes there
-            try:
-                await self._apps.patch_namespaced_deployment_scale(
-                    self.workload.deployment, self.namespace, {"spec": {"replicas": target}})
-            except BaseException:
-                if target < current:
-                    self._stay(chosen)  # still victims: chosen again, or taken back, next time
-                raise
-            direction = "up" if target > current else "down"
-            self.current = target
-            self.metrics.scaler_current.labels(self.pool).set(target)
-            self.metrics.scale_events.labels(self.pool, direction).inc()
-            self.events.append((asyncio.get_running_loop().time(), direction, current, target))
-            del self.events[:-50]
-            log.info("scaled", extra={"pool": self.pool, "direction": direction,
-                                      "from": current, "to": target, "wanted": d.wanted,
-                                      "victims": ",".join(sorted(chosen))})
-        # Pods that are no victims any more lose their low cost; spared ones are busy.
-        uncost, self._uncost = (self._uncost | self._stale_costs()) - self.victims - set(
-            self.leaving), set()
-        await self._set_costs({**{name: None for name in uncost},
-                               **{name: decision.BUSY_COST for name in spared}})
-        self._publish_starting()
+        return target, chosen, spared
+
+    def _by_ordinal(self, pods: list[decision.Pod], d: Decision,
+                    current: int) -> tuple[int, set[str]]:
+        """A StatefulSet's count and the pods it removes: the highest ordinals drain first
+        (no new builds) and the count drops below each only once it is idle."""
+        if d.replicas >= current:
+            self._drain(set())
+            return d.replicas, set()
+        draining, count = decision.highest_ordinals(pods, d.replicas)
+        self._drain(set(draining))
+        target = min(current, count)
+        return target, {n for n in draining if (decision.ordinal(n) or 0) >= target}
+
+    async def _read_scale(self) -> Any:
+        if self.workload.statefulset:
+            return await self._apps.read_namespaced_stateful_set_scale(
+                self.workload.statefulset, self.namespace)
+        return await self._apps.read_namespaced_deployment_scale(self.workload.deployment,
+                                                                 self.namespace)
+
+    async def _patch_scale(self, replicas: int) -> None:
+        body = {"spec": {"replicas": replicas}}
+        if self.workload.statefulset:
+            await self._apps.patch_namespaced_stateful_set_scale(self.workload.statefulset,
+                                                                 self.namespace, body)
+        else:
+            await self._apps.patch_namespaced_deployment_scale(self.workload.deployment,
+                                                               self.namespace, body)
 
     def _stale_costs(self) -> set[str]:
         """Pods with a victim's cost that are no victims of this scaler (a former leader's)."""
@@ -300,7 +337,8 @@ class PoolScaler:
     def document(self, now: float) -> dict[str, Any]:
         last = self.last
         return {
-            "deployment": f"{self.namespace}/{self.workload.deployment}",
+            "deployment": f"{self.namespace}/{self.workload.name}",
+            "kind": self.workload.kind,
             "min": self.policy.min_replicas, "max": self.policy.max_replicas,
             "target_builds": self.policy.target_builds,
             "scale_down_window_s": self.policy.down_window,

@@ -9,7 +9,10 @@ Design
   alone (etcd keeps the data) and restarts it with the exact command line it had
   (/proc/PID/cmdline), then waits for /readyz.
 * `TestController` plays the Deployment and ReplicaSet controllers and the kubelets for one
-  Deployment. One background task lists the Deployment and its pods, watches both (JSON lines,
+  Deployment (or, with `kind="StatefulSet"`, the StatefulSet controller with the Parallel pod
+  management policy: pods `<name>-<ordinal>`, the lowest missing ordinal created, the highest
+  deleted first whatever it runs, a name reused only once its old pod is gone). One
+  background task lists the Deployment and its pods, watches both (JSON lines,
   `_preload_content=False`), and after every batch of events runs a reconcile pass: a loop of
   single actions, each chosen from the cache and written back into it from the API's answer:
   create a pod, delete one (graceful, in the ReplicaSet controller's order), start a created
@@ -21,8 +24,8 @@ Design
 Invariants
 ----------
 * Level-triggered: every action is derived from the cache; the cache only moves forward
-  (an object is replaced only by a newer resourceVersion, and a pod known to be gone never
-  comes back), and a re-list replaces it whole.
+  (an object is replaced only by a newer resourceVersion, and a pod known to be gone (by uid)
+  never comes back), and a re-list replaces it whole.
 * A replica is started at most once per pod, and stopped when its pod is deleted (gracefully
   or not) or by `close()`; a pod's loopback IP is never reused within the process.
 * After `await pause()` returns, the fake makes no API write and starts no replica until
@@ -305,8 +308,11 @@ class TestController:
 
     def __init__(self, api: ApiClient, namespace: str, name: str, *, port: int,
                  auto_ready: bool, start_replica: StartReplica,
-                 stop_replica: StopReplica) -> None:
+                 stop_replica: StopReplica, kind: str = "Deployment") -> None:
         self.namespace, self.name, self.port, self.auto_ready = namespace, name, port, auto_ready
+        assert kind in ("Deployment", "StatefulSet"), kind
+        self.kind = kind
+        self._suffix = "deployment" if kind == "Deployment" else "stateful_set"
         self._core, self._apps = client.CoreV1Api(api), client.AppsV1Api(api)
         self._start_replica, self._stop_replica = start_replica, stop_replica
         # pod -> loop.time() (time.monotonic() on the default loop, the clock of FakeReplica's
@@ -318,7 +324,7 @@ class TestController:
         self.observed_generation = 0  # Deployment generation the last pass saw (paused or not)
         self._deployment: Obj | None = None
         self._pods: dict[str, Obj] = {}
-        self._gone: set[str] = set()  # pods known deleted: their late events are ignored
+        self._gone: set[str] = set()  # uids of pods known deleted: late events are ignored
         self._running: set[str] = set()  # pods whose replica is started and not yet stopped
         self._kubelets: dict[str, asyncio.Task[None]] = {}  # pod -> its termination task
         self._synced = False
@@ -336,18 +342,22 @@ class TestController:
     @classmethod
     async def start(cls, api: ApiClient, namespace: str, deployment_name: str, *, port: int,
                     start_replica: StartReplica, stop_replica: StopReplica,
-                    replicas: int = 0, auto_ready: bool = True) -> TestController:
-        """Create the Deployment and run the controller until it has listed it once."""
+                    replicas: int = 0, auto_ready: bool = True,
+                    kind: str = "Deployment") -> TestController:
+        """Create the Deployment (or StatefulSet) and run the controller until it has listed
+        it once."""
         self = cls(api, namespace, deployment_name, port=port, auto_ready=auto_ready,
-                   start_replica=start_replica, stop_replica=stop_replica)
+                   start_replica=start_replica, stop_replica=stop_replica, kind=kind)
         labels = {"app": deployment_name}
         container = {"name": "buildkitd", "image": IMAGE,
                      "ports": [{"containerPort": port, "name": "buildkitd"}]}
-        await _call(self._apps.create_namespaced_deployment, namespace, {
-            "metadata": {"name": deployment_name, "labels": labels},
-            "spec": {"replicas": replicas, "selector": {"matchLabels": labels},
+        spec: Obj = {"replicas": replicas, "selector": {"matchLabels": labels},
                      "template": {"metadata": {"labels": labels},
-                                  "spec": {"containers": [container]}}}})
+                                  "spec": {"containers": [container]}}}
+        if kind == "StatefulSet":
+            spec |= {"serviceName": deployment_name, "podManagementPolicy": "Parallel"}
+        await _call(getattr(self._apps, f"create_namespaced_{self._suffix}"), namespace, {
+            "metadata": {"name": deployment_name, "labels": labels}, "spec": spec})
         self._task = asyncio.create_task(self._run(), name=f"TestController {self}")
         try:
             await self.wait_for(lambda c: c._synced, 30)
@@ -406,10 +416,10 @@ class TestController:
         self._kick()
 
     async def scale(self, replicas: int) -> int:
-        """Set the Deployment's spec.replicas (as this controller's client); returns the new
+        """Set the workload's spec.replicas (as this controller's client); returns the new
         metadata.generation, to compare with `observed_generation`."""
-        deployment = await _call(self._apps.patch_namespaced_deployment, self.name,
-                                 self.namespace, {"spec": {"replicas": replicas}})
+        deployment = await _call(getattr(self._apps, f"patch_namespaced_{self._suffix}"),
+                                 self.name, self.namespace, {"spec": {"replicas": replicas}})
         return int(deployment["metadata"]["generation"])
 
     async def set_ready(self, pod_name: str, ready: bool) -> None:
@@ -480,16 +490,17 @@ class TestController:
         ends or fails (raised)."""
         self._round += 1
         self._synced = False
-        deployments = await _call(self._apps.list_namespaced_deployment, self.namespace,
+        list_workloads = getattr(self._apps, f"list_namespaced_{self._suffix}")
+        deployments = await _call(list_workloads, self.namespace,
                                   field_selector=f"metadata.name={self.name}")
         pods = await _call(self._core.list_namespaced_pod, self.namespace,
                            label_selector=f"app={self.name}")
         self._deployment = (deployments["items"] or [None])[0]
         self._pods = {p["metadata"]["name"]: p for p in pods["items"]
-                      if p["metadata"]["name"] not in self._gone}
+                      if p["metadata"]["uid"] not in self._gone}
         readers = [
             asyncio.create_task(self._watch(
-                "deployment", self._apps.list_namespaced_deployment,
+                "deployment", list_workloads,
                 deployments["metadata"]["resourceVersion"],
                 field_selector=f"metadata.name={self.name}")),
             asyncio.create_task(self._watch(
@@ -548,19 +559,24 @@ class TestController:
                 self._deployment = obj
             self._notify()
         elif event["type"] == "DELETED":
-            self._forget(obj["metadata"]["name"])
+            self._gone.add(obj["metadata"]["uid"])
+            mine = self._pods.get(obj["metadata"]["name"])
+            if mine is not None and mine["metadata"]["uid"] == obj["metadata"]["uid"]:
+                self._forget(obj["metadata"]["name"])
         else:
             self._store(obj)
 
     def _store(self, pod: Obj) -> None:
-        name = pod["metadata"]["name"]
-        if name not in self._gone and (name not in self._pods or _newer(pod, self._pods[name])):
+        name, uid = pod["metadata"]["name"], pod["metadata"]["uid"]
+        mine = self._pods.get(name)
+        if uid not in self._gone and (mine is None or _newer(pod, mine)):
             self._pods[name] = pod
             self._notify()
 
     def _forget(self, name: str) -> None:
-        self._pods.pop(name, None)
-        self._gone.add(name)
+        pod = self._pods.pop(name, None)
+        if pod is not None:
+            self._gone.add(pod["metadata"]["uid"])
         self._notify()
 
     def _notify(self) -> None:
@@ -591,6 +607,8 @@ class TestController:
                 self._kubelets[name] = asyncio.create_task(self._terminate(name))
         active = deletion_order(v for v in pods.values() if not v.terminating)
         want = self._deployment["spec"].get("replicas", 1)
+        if self.kind == "StatefulSet":
+            return await self._stateful_step(pods, active, want)
         if len(active) < want:
             await self._create_pod()
         elif len(active) > want:
@@ -603,11 +621,32 @@ class TestController:
             return await self._publish_status(active)
         return True
 
-    async def _create_pod(self) -> None:
+    async def _stateful_step(self, pods: dict[str, PodView], active: list[PodView],
+                             want: int) -> bool:
+        """The StatefulSet controller (Parallel): the highest ordinal above the count goes
+        first, whatever it runs; a missing ordinal below it is created once its old pod is
+        gone."""
+        beyond = [v for v in active if _ordinal(v.name) >= want]
+        if beyond:
+            victim = max(beyond, key=lambda v: _ordinal(v.name)).name
+            self._store(await _call(self._core.delete_namespaced_pod, victim, self.namespace))
+            self.deleted.append(victim)
+        elif missing := [i for i in range(want) if f"{self.name}-{i}" not in pods]:
+            await self._create_pod(f"{self.name}-{missing[0]}")
+        elif pending := [v.name for v in active if v.ip is None]:
+            await self._start_pod(min(pending))
+        else:
+            return await self._publish_status(active)
+        return True
+
+    async def _create_pod(self, name: str = "") -> None:
+        """A pod of the template: named (a StatefulSet's ordinal, with a new IP) or not."""
         assert self._deployment is not None
         template = self._deployment["spec"]["template"]
+        naming = {"name": name} if name else {"generateName": f"{self.name}-"}
+        self.ips.pop(name, None)
         self._store(await _call(self._core.create_namespaced_pod, self.namespace, {
-            "metadata": {"generateName": f"{self.name}-",
+            "metadata": {**naming,
                          "labels": template["metadata"].get("labels") or {},
                          "annotations": template["metadata"].get("annotations") or {}},
             "spec": {**template["spec"], "nodeName": NODE}}))
@@ -634,15 +673,21 @@ class TestController:
         assert self._deployment is not None
         ready = sum(v.ready for v in active)
         want = self._deployment["spec"].get("replicas", 1)
-        status = {"observedGeneration": self._deployment["metadata"]["generation"],
-                  "replicas": len(active), "updatedReplicas": len(active),
-                  "readyReplicas": ready, "availableReplicas": ready,
-                  "unavailableReplicas": max(want - ready, 0)}
+        generation = self._deployment["metadata"]["generation"]
+        if self.kind == "StatefulSet":  # v1.20's StatefulSetStatus has no availableReplicas
+            status = {"observedGeneration": generation, "replicas": len(active),
+                      "currentReplicas": len(active), "updatedReplicas": len(active),
+                      "readyReplicas": ready}
+        else:
+            status = {"observedGeneration": generation, "replicas": len(active),
+                      "updatedReplicas": len(active), "readyReplicas": ready,
+                      "availableReplicas": ready, "unavailableReplicas": max(want - ready, 0)}
         current = self._deployment.get("status") or {}
         if all(current.get(k, 0) == v for k, v in status.items()):
             return False
-        deployment = await _call(self._apps.patch_namespaced_deployment_status, self.name,
-                                 self.namespace, {"status": status})
+        deployment = await _call(
+            getattr(self._apps, f"patch_namespaced_{self._suffix}_status"), self.name,
+            self.namespace, {"status": status})
         if _newer(deployment, self._deployment):
             self._deployment = deployment
         return True
@@ -678,6 +723,7 @@ class TestController:
                     self.errors.append(f"delete {name}: {type(exc).__name__}: {exc}"[:300])
             await asyncio.sleep(delay)  # back-off before retrying, not synchronisation
             delay = min(delay * 2, BACKOFF_MAX)
+        self._kubelets.pop(name, None)  # a StatefulSet reuses the name
         self._kick()
 
 
@@ -692,6 +738,10 @@ async def _call(method: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any
         raise ApiException(status=resp.status, reason=body.decode(errors="replace")[:300])
     result: Obj = json.loads(body)
     return result
+
+
+def _ordinal(name: str) -> int:
+    return int(name.rpartition("-")[2])
 
 
 def _newer(a: Obj, b: Obj) -> bool:

@@ -88,11 +88,13 @@ class Cluster:
 
 
 @contextlib.asynccontextmanager
-async def shared_cluster(cluster: kube.KubeCluster, *, replicas: int = 0
-                         ) -> AsyncIterator[Cluster]:
+async def shared_cluster(cluster: kube.KubeCluster, *, replicas: int = 0,
+                         kind: str = "Deployment", roles: str = "") -> AsyncIterator[Cluster]:
+    """A namespace with deploy/'s RBAC (`roles`: other RBAC YAML), the workload and its
+    test controller."""
     admin = await kube.api_client(cluster, "admin")
     namespace = await kube.new_namespace(admin)
-    await kube.apply_rbac(cluster, namespace, rbac())
+    await kube.apply_rbac(cluster, namespace, roles or rbac())
     fakes: dict[str, FakeReplica] = {}
 
     async def start_replica(pod: str, ip: str, port: int) -> None:
@@ -106,7 +108,7 @@ async def shared_cluster(cluster: kube.KubeCluster, *, replicas: int = 0
 
     controller = await kube.TestController.start(
         admin, namespace, DEPLOYMENT, port=kube.free_port(), replicas=replicas,
-        start_replica=start_replica, stop_replica=stop_replica)
+        start_replica=start_replica, stop_replica=stop_replica, kind=kind)
     try:
         if replicas:
             await controller.wait_for(lambda c: sum(p.ready for p in c.active()) == replicas, 30)
@@ -282,8 +284,8 @@ async def test_keys_go_back_to_the_pod_holding_their_cache_after_a_scale_up_on_a
             assert out.ok, out.error
             again[i] = out.replica
         back = sum(again[i] == first[i] for i in keys)
-        ring_moved = sum(HashRing(two).lookup(f"ctx:/src/p{i}") != HashRing(four).lookup(
-            f"ctx:/src/p{i}") for i in keys)
+        ring_moved = sum(HashRing(two).lookup(f"ctx:p{i}") != HashRing(four).lookup(
+            f"ctx:p{i}") for i in keys)
         counts = affinity_counts(a, b)
         ratio = counts["hit"] / (counts["hit"] + counts["miss"])
         print(f"\n50 keys built on 2 pods, pool scaled to 4: {back}/50 back on their pod "

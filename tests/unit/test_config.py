@@ -288,6 +288,11 @@ def test_kubernetes_discovery_and_scaling_flags() -> None:
     # target-builds defaults to the replica's slots
     assert s.pool.scaling == config.ScalingSettings(1, 4, 3, 120.0)
     assert (s.kube.kubeconfig, s.kube.context) == ("/k", "c")
+    stateful = load(["--kube-statefulset", "buildkitd", "--max-replicas", "3"], {})
+    assert stateful.pool.kube is not None and stateful.pool.kube.kind == "StatefulSet"
+    assert stateful.pool.kube.name == "buildkitd" and stateful.pool.scaling is not None
+    with pytest.raises(config.ConfigError, match="a Deployment and a StatefulSet"):
+        load(["--kube-statefulset", "a", "--kube-deployment", "b"], {})
     plain = load(["--kube-selector", "app=buildkitd"], {})
     assert plain.pool.kube is not None and plain.pool.kube.port == 1234
     assert plain.pool.scaling is None  # discovery only

@@ -469,3 +469,28 @@ def test_two_choices_finds_scarce_open_candidates() -> None:
     assert two_choices([*loads, "n401"], loads, rng, limit=2, exclude={"n401"}) == "n17"
     loads["n17"] = 2
     assert two_choices(list(loads), loads, rng, limit=2) is None
+
+
+def test_hub_internal_pick_without_ref_is_two_choices_over_every_replica() -> None:
+    # Calls outside builds (pick_other, internal picks without a Ref): every placeable replica
+    # is open, even at its slot limit; the lighter of a uniform distinct pair, as two_choices
+    async def scenario() -> None:
+        hub = make_hub(["a", "b", "c", "d"], policy="sticky", max_builds=1, c=1.25)
+        for i, (replica, n) in enumerate((("b", 1), ("c", 2), ("d", 3))):
+            for j in range(n):
+                hub.ledger.start(f"r{i}-{j}", replica, internal=False, now=0.0)
+        counts = Counter(hub.pick_other("default") for _ in range(6000))
+        assert counts["d"] == 0 and set(counts) <= {"a", "b", "c"}
+        for node, p in (("a", 3 / 6), ("b", 2 / 6), ("c", 1 / 6)):
+            assert abs(counts[node] / 6000 - p) < 0.03, counts
+        assert hub.pick("default", None, internal=True, ref="") in {
+            ("a", Outcome.RANDOM), ("b", Outcome.RANDOM), ("c", Outcome.RANDOM)}
+        one = make_hub(["only"], policy="random", max_builds=1, c=1.25)
+        one.ledger.start("x", "only", internal=False, now=0.0)
+        assert one.pick_other("default") == "only"
+        assert one.pick("default", None, internal=True, ref="") == ("only", Outcome.RANDOM)
+        one.registry.update("only", ready=False)
+        assert one.pick_other("default") is None
+        assert one.pick("default", None, internal=True, ref="") is WAIT
+
+    asyncio.run(scenario())

@@ -13,6 +13,8 @@ from gateway.scaling.decision import (
     Recommendations,
     decide,
     deletion_costs,
+    highest_ordinals,
+    ordinal,
     victims,
     wanted,
 )
@@ -117,3 +119,16 @@ def test_victims_are_idle_unready_first_then_newest() -> None:
 def test_costs_are_low_on_victims_and_high_on_busy_pods() -> None:
     pods = [pod("a"), pod("b", busy=True), pod("c"), pod("d", busy=True, terminating=True)]
     assert deletion_costs(pods, ["a"]) == {"a": VICTIM_COST, "b": BUSY_COST}
+
+
+def test_a_statefulset_drains_its_highest_ordinals_and_drops_only_below_busy_ones() -> None:
+    pods = [pod(f"b-{i}", busy=i == 1) for i in range(4)]
+    # down to 1: ordinals 3, 2, 1 drain; 3 and 2 are idle and go, 1 holds the count at 2
+    assert highest_ordinals(pods, 1) == (("b-3", "b-2", "b-1"), 2)
+    idle = [pod(f"b-{i}") for i in range(4)]
+    assert highest_ordinals(idle, 1) == (("b-3", "b-2", "b-1"), 1)
+    top_busy = [pod(f"b-{i}", busy=i == 3) for i in range(4)]
+    assert highest_ordinals(top_busy, 2) == (("b-3", "b-2"), 4)  # nothing may go yet
+    leaving = [*idle[:3], pod("b-3", terminating=True), pod("other")]
+    assert highest_ordinals(leaving, 3) == ((), 3)
+    assert ordinal("buildkitd-12") == 12 and ordinal("buildkitd") is None

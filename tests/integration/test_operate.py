@@ -156,7 +156,11 @@ async def test_a_replica_killed_mid_build_fails_its_builds_within_2s_others_fini
     assert len(lost) == loads[victim]
     for o in lost:
         assert o.error_code == 14, o.error
-        assert f"connection to BuildKit replica {victim} lost" in (o.error or "")
+        # lost under a call in flight, or unreachable for a call of the build opened after
+        # the kill (a loaded machine delays some): either names the replica
+        assert (f"connection to BuildKit replica {victim} lost" in (o.error or "")
+                or (f"BuildKit replica {victim} (" in (o.error or "")
+                    and "is unreachable" in (o.error or ""))), o.error
         assert ended[o.ref] - killed_at < 2.0
     assert all(o.ok for o in outs if o not in lost)
     assert not snapshot.by_id[victim].placeable  # ejected: no new builds there

@@ -34,6 +34,7 @@ from tests.integration.test_kube_scaling import (
     api_status,
     build,
     rbac,
+    replica_hooks,
     scaling,
 )
 
@@ -95,17 +96,7 @@ async def shared_cluster(cluster: kube.KubeCluster, *, replicas: int = 0,
     admin = await kube.api_client(cluster, "admin")
     namespace = await kube.new_namespace(admin)
     await kube.apply_rbac(cluster, namespace, roles or rbac())
-    fakes: dict[str, FakeReplica] = {}
-
-    async def start_replica(pod: str, ip: str, port: int) -> None:
-        replica = FakeReplica(pod)
-        await replica.start(ip, port)
-        fakes[pod] = replica
-
-    async def stop_replica(pod: str) -> None:
-        if pod in fakes:
-            await fakes[pod].stop(grace=0)
-
+    fakes, start_replica, stop_replica = replica_hooks()
     controller = await kube.TestController.start(
         admin, namespace, DEPLOYMENT, port=kube.free_port(), replicas=replicas,
         start_replica=start_replica, stop_replica=stop_replica, kind=kind)

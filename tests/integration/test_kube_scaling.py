@@ -170,15 +170,8 @@ class Pool:
                         w.cancel()
 
 
-@contextlib.asynccontextmanager
-async def kube_pool(cluster: kube.KubeCluster, *args: str, replicas: int = 0,
-                    auto_ready: bool = True, in_cluster: bool = False) -> AsyncIterator[Pool]:
-    """A namespace with the Deployment, its test controller, and a gateway discovering it:
-    through the kubeconfig's `gateway` context, or `in_cluster` (see `in_cluster_files`)."""
-    admin = await kube.api_client(cluster, "admin")
-    namespace = await kube.new_namespace(admin)
-    await kube.apply_rbac(cluster, namespace, rbac())
-    port = kube.free_port()
+def replica_hooks() -> tuple[dict[str, FakeReplica], kube.StartReplica, kube.StopReplica]:
+    """The test controller's kubelet hooks: a FakeReplica per pod (kept in the dict, by pod)."""
     fakes: dict[str, FakeReplica] = {}
 
     async def start_replica(pod: str, ip: str, port: int) -> None:
@@ -190,6 +183,19 @@ async def kube_pool(cluster: kube.KubeCluster, *args: str, replicas: int = 0,
         if pod in fakes:
             await fakes[pod].stop(grace=0)
 
+    return fakes, start_replica, stop_replica
+
+
+@contextlib.asynccontextmanager
+async def kube_pool(cluster: kube.KubeCluster, *args: str, replicas: int = 0,
+                    auto_ready: bool = True, in_cluster: bool = False) -> AsyncIterator[Pool]:
+    """A namespace with the Deployment, its test controller, and a gateway discovering it:
+    through the kubeconfig's `gateway` context, or `in_cluster` (see `in_cluster_files`)."""
+    admin = await kube.api_client(cluster, "admin")
+    namespace = await kube.new_namespace(admin)
+    await kube.apply_rbac(cluster, namespace, rbac())
+    port = kube.free_port()
+    fakes, start_replica, stop_replica = replica_hooks()
     controller = await kube.TestController.start(
         admin, namespace, DEPLOYMENT, port=port, replicas=replicas, auto_ready=auto_ready,
         start_replica=start_replica, stop_replica=stop_replica)

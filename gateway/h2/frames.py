@@ -283,8 +283,10 @@ def header_block(stream_id: int, block: bytes, *, end_stream: bool, max_frame: i
     Slices a memoryview: each byte is copied once (slicing bytes made large blocks quadratic).
     """
     flags = FLAG_END_STREAM if end_stream else 0
-    if len(block) <= max_frame:
-        return frame(HEADERS, flags | FLAG_END_HEADERS, stream_id, block)
+    n = len(block)
+    if n <= max_frame:
+        return _HEADER.pack(n >> 8, n & 0xFF, HEADERS, flags | FLAG_END_HEADERS,
+                            stream_id) + block
     view = memoryview(block)
     parts = [frame(HEADERS, flags, stream_id, view[:max_frame])]
     for at in range(max_frame, len(block), max_frame):

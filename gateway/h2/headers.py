@@ -38,6 +38,9 @@ _STATIC: tuple[tuple[bytes, bytes], ...] = tuple(HeaderTable.STATIC_TABLE)
 _STATIC_COUNT = len(_STATIC)
 _MAX_INT_BYTES = 5  # continuation bytes of an HPACK integer: up to 2^35, far above any limit
 
+_MEMO_ENTRIES = 64  # decoded blocks remembered per decoder
+_MEMO_LONGEST = 256  # longer blocks are never remembered
+
 _HUFFMAN_MEMO: dict[bytes, bytes] = {}
 _HUFFMAN_MEMO_ENTRIES = 4096
 _HUFFMAN_MEMO_LONGEST = 256  # longer strings are decoded each time, never kept
@@ -108,8 +111,8 @@ class HeaderDecoder:
     exceeding it, like any decoding error, is a connection error (COMPRESSION_ERROR).
     """
 
-    __slots__ = ("_expansion", "_floor", "_max", "_max_table", "_table", "_table_limit",
-                 "_table_size")
+    __slots__ = ("_expansion", "_floor", "_generation", "_max", "_max_table", "_memo",
+                 "_table", "_table_limit", "_table_size", "size")
 
     def __init__(self, *, max_header_list_size: int, max_expansion: int = 0,
                  floor: int = 0, table_size: int = DEFAULT_TABLE_SIZE) -> None:
@@ -120,19 +123,38 @@ class HeaderDecoder:
         self._table_limit = table_size  # the table's current maximum size
         self._table: list[tuple[bytes, bytes]] = []  # newest last
         self._table_size = 0
+        self._generation = 0  # changes with every change of the dynamic table
+        # block -> (generation, headers, size): blocks that left the table as it was
+        self._memo: dict[bytes, tuple[int, Headers, int]] = {}
+        self.size = 0  # the RFC 9113 size of the list decoded last (list_size)
 
     def decode(self, block: bytes) -> Headers:
+        """The header list of `block`. A block seen before that did not change the dynamic
+        table decodes to what it did then while the table has not changed since (gRPC peers
+        send the same indexed block call after call): that list is returned again, so the
+        lists returned must not be modified."""
+        hit = self._memo.get(block)
+        if hit is not None and hit[0] == self._generation:
+            self.size = hit[2]
+            return hit[1]
         limit = self._max
         if self._expansion:
             limit = min(limit, max(self._floor, self._expansion * len(block)))
+        generation = self._generation
         try:
-            return self._decode(bytes(block), limit)
+            headers = self._decode(bytes(block), limit)
         except _Oversized:
             raise ProtocolError(COMPRESSION_ERROR, f"header list too large: a block of "
                                 f"{len(block)} bytes decodes to more than {limit}") from None
         except (_Undecodable, IndexError, hpack.HPACKDecodingError) as exc:
             raise ProtocolError(COMPRESSION_ERROR,
                                 f"undecodable header block: {exc}") from None
+        if generation == self._generation and len(block) <= _MEMO_LONGEST:
+            memo = self._memo
+            if len(memo) >= _MEMO_ENTRIES:
+                memo.clear()
+            memo[bytes(block)] = (generation, headers, self.size)
+        return headers
 
     def _decode(self, data: bytes, limit: int) -> Headers:
         out: Headers = []
@@ -160,6 +182,7 @@ class HeaderDecoder:
                 if new_size > self._max_table:
                     raise _Undecodable(f"table size {new_size} above {self._max_table}")
                 self._table_limit = new_size
+                self._generation += 1
                 self._evict(0)
                 continue
             else:  # literal without indexing (0000) or never indexed (0001)
@@ -174,6 +197,7 @@ class HeaderDecoder:
             if size > limit:
                 raise _Oversized
             out.append(field)
+        self.size = size
         return out
 
     def _field(self, index: int) -> tuple[bytes, bytes]:
@@ -185,6 +209,7 @@ class HeaderDecoder:
         return self._table[-dynamic]
 
     def _add(self, field: tuple[bytes, bytes]) -> None:
+        self._generation += 1
         entry = len(field[0]) + len(field[1]) + 32
         if entry > self._table_limit:  # RFC 7541 4.4: the table is emptied, nothing added
             self._table.clear()
@@ -237,7 +262,28 @@ def encode(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
     """Stateless HPACK encoding (RFC 7541: indexed static fields, literals without indexing).
 
     Each field's encoding is memoized (bounded, process-wide, cleared when full): the same
-    paths, content types and statuses recur on every call."""
+    paths, content types and statuses recur on every call; so is each short list's (a
+    replica's response headers and trailers, a client's requests, call after call)."""
+    if isinstance(headers, list) and len(headers) <= _BLOCK_MEMO_FIELDS:
+        key = tuple(headers)
+        block = _BLOCK_MEMO.get(key)
+        if block is None:
+            block = _encode(headers)
+            if len(block) <= _BLOCK_MEMO_LONGEST:
+                if len(_BLOCK_MEMO) >= _BLOCK_MEMO_ENTRIES:
+                    _BLOCK_MEMO.clear()
+                _BLOCK_MEMO[key] = block
+        return block
+    return _encode(headers)
+
+
+_BLOCK_MEMO: dict[tuple[tuple[bytes, bytes], ...], bytes] = {}
+_BLOCK_MEMO_ENTRIES = 1024
+_BLOCK_MEMO_FIELDS = 16
+_BLOCK_MEMO_LONGEST = 512
+
+
+def _encode(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
     memo = _FIELD_MEMO
     out: list[bytes] = []
     for field in headers:

@@ -30,7 +30,7 @@ from gateway.admission.queue import Waiter
 from gateway.buildkit import wire
 from gateway.config import RelaySettings
 from gateway.h2 import frames as fr
-from gateway.h2.headers import HeaderDecoder, Headers, encode, get, get_all, list_size
+from gateway.h2.headers import HeaderDecoder, Headers, encode, get, get_all
 from gateway.metrics import UPSTREAM
 from gateway.relay.call import Call
 from gateway.relay.conn import H2Conn, flush_dirty
@@ -95,6 +95,8 @@ class ClientConn(H2Conn):
         self.hub = hub
         self.listener = listener
         self.calls: dict[int, Call] = {}
+        # id(headers) -> (headers, path, authority, class) of request lists seen recently
+        self._seen: dict[int, tuple[Headers, str, str, wire.CallClass]] = {}
         self.last_sid = 0
         self.placement: ConnectionPlacement | None = None
         self.pool = hub.default_pool
@@ -335,16 +337,24 @@ class ClientConn(H2Conn):
                 self.guard.refused_stream()
             self.send(fr.rst_stream(sid, fr.REFUSED_STREAM))
             return
-        path = (get(headers, b":path") or b"").decode("utf-8", "replace")
-        authority = (get(headers, b":authority") or b"").decode("utf-8", "replace")
-        klass = wire.classify(path)
+        seen = self._seen.get(id(headers))
+        if seen is not None and seen[0] is headers:  # the decoder's list of a repeated block
+            _, path, authority, klass = seen
+        else:
+            path = (get(headers, b":path") or b"").decode("utf-8", "replace")
+            authority = (get(headers, b":authority") or b"").decode("utf-8", "replace")
+            klass = wire.classify(path)
+            if len(self._seen) >= 64:
+                self._seen.clear()
+            # keyed by identity: the entry holds the list, so its id is not reused meanwhile
+            self._seen[id(headers)] = (headers, path, authority, klass)
         call = Call(self, sid, headers, path, authority, klass)
         self.calls[sid] = call
         self.sched.open(sid)
         self.hub.stream_opened(call)
         if self.guard is not None and len(self.calls) == 1:
             self.guard.calls_changed(1)
-        size = list_size(headers)
+        size = self.decoder.size  # list_size(headers), counted while decoding
         if size > self.relay.max_request_header_list:  # never re-encoded toward a replica
             self.end_with_error(call, errors.RequestHeadersTooLarge(
                 f"request headers of {size} bytes exceed the gateway's limit of "
@@ -385,8 +395,13 @@ class ClientConn(H2Conn):
                 self._apply(placement.follower(sid, ref, self.hub.now(), self.hub.locate))
             else:  # the replica answers "no buildid found in context"
                 self._apply(placement.other(sid, self.pick))
-        elif klass in (wire.CallClass.OTHER, wire.CallClass.CONTENT):
-            self._apply(placement.other(sid, self.pick))
+        elif klass is wire.CallClass.CONTENT or klass is wire.CallClass.OTHER:
+            # placement.other without its decision list: a Route, or NoReplica
+            target = placement.other_target() or self.hub.pick_other(self.pool)
+            if target is None:
+                self._apply(placement.other(sid, self.pick))
+            else:
+                self._route(call, target)
         else:  # SOLVE, STATUS, HISTORY: wait for the first request message
             self._try_first_message(call)
 
@@ -539,7 +554,7 @@ class ClientConn(H2Conn):
         if replica == self.hub.control_id:  # the pool is the gateway's word, not the client's
             call.headers = [*(h for h in call.headers if h[0] != POOL_HEADER),
                             (POOL_HEADER, self.pool.encode())]
-        elif call.path.endswith("/Ping") and call.klass is wire.CallClass.LLB:
+        elif call.klass is wire.CallClass.LLB and call.path.endswith("/Ping"):
             if self.hub.pools[self.pool].pong is None:
                 call.capture = []
         self.hub.open_upstream(call, replica)

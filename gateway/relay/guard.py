@@ -129,6 +129,8 @@ class ClientGuard:
             "no HTTP/2 preface")
         self._block: asyncio.TimerHandle | None = None
         self._idle: asyncio.TimerHandle | None = None
+        self._busy = False  # a call is open (calls_changed)
+        self._idle_since = 0.0  # when the last call ended
         self._write: asyncio.TimerHandle | None = None
 
     def _report(self, kind: str, detail: str) -> None:
@@ -171,16 +173,28 @@ class ClientGuard:
             self._block = None
 
     def calls_changed(self, open_calls: int) -> None:
-        """Arms the idle timer when the last call ends, disarms it when one starts."""
+        """Notes when the last call ended (the idle clock starts) or a call started (it stops).
+
+        The idle timer is not cancelled and re-armed on every change: with one caller making
+        call after call that would be two timer operations per call. It stays armed; when it
+        fires it checks, and re-arms itself for the time left if the connection was busy."""
         if open_calls:
-            if self._idle is not None:
-                self._idle.cancel()
-                self._idle = None
-        elif self._idle is None and self.relay.idle_timeout:
-            self._idle = self.loop.call_later(self.relay.idle_timeout, self._went_idle)
+            self._busy = True
+        else:
+            self._busy = False
+            self._idle_since = self.loop.time()
+            if self._idle is None and self.relay.idle_timeout:
+                self._idle = self.loop.call_at(self._idle_since + self.relay.idle_timeout,
+                                               self._went_idle)
 
     def _went_idle(self) -> None:
         self._idle = None
+        if self._busy:  # re-armed when the last call ends
+            return
+        due = self._idle_since + self.relay.idle_timeout
+        if self.loop.time() < due:  # calls came and went since the timer was armed
+            self._idle = self.loop.call_at(due, self._went_idle)
+            return
         self._report("idle", f"no call for {self.relay.idle_timeout:g}s")
         self.conn.close_idle()
 

@@ -200,6 +200,8 @@ class Hub:
         if not internal and state.queue and not queued:
             return WAIT
         self._candidates(state, snap)
+        if internal and not ref:  # every placeable replica is open: two distinct draws
+            return self._any_two(state.placeable)
         exclude = self.ledger.running_on(ref) if ref else frozenset()
         loads = self.ledger.loads()
         slots = 0 if internal else state.settings.max_builds
@@ -220,6 +222,30 @@ class Hub:
             return self._remembered(state, key, chosen_pair, loads, cap=cap, exclude=exclude,
                                     limit=slots)
         return chosen_pair
+
+    def pick_other(self, pool: str) -> str | None:
+        """`pick(pool, None, internal=True, ref="")`'s replica (a call outside any build), or
+        None when the pool has none."""
+        state = self.pools[pool]
+        self._candidates(state, self.registry.snapshot)
+        chosen = self._any_two(state.placeable)
+        return chosen[0] if isinstance(chosen, tuple) else None
+
+    def _any_two(self, placeable: tuple[str, ...]) -> Pick:
+        """Two choices when no candidate is closed (an internal pick without a Ref: calls
+        outside builds): the lighter of two distinct uniform draws, as `two_choices` would
+        draw them, without its per-draw checks (one or two draws instead of up to DRAWS)."""
+        n = len(placeable)
+        if n <= 1:
+            return (placeable[0], picking.Outcome.RANDOM) if n else WAIT
+        rand = self._rng.random
+        i = int(rand() * n)
+        j = int(rand() * (n - 1))
+        if j >= i:
+            j += 1
+        a, b = placeable[i], placeable[j]
+        loads = self.ledger.loads()
+        return (a if loads.get(a, 0) <= loads.get(b, 0) else b), picking.Outcome.RANDOM
 
     def _remembered(self, state: PoolState, key: str, ring_pick: tuple[str, picking.Outcome],
                     loads: Mapping[str, int], *, cap: int, exclude: frozenset[str],
@@ -414,7 +440,7 @@ class Hub:
         self.metrics.client_connections.inc()
 
     def stream_opened(self, call: Call) -> None:
-        klass = call.klass.value
+        klass = call.klass._value_  # not .value: an enum descriptor, slower
         self.streams[klass] = self.streams.get(klass, 0) + 1
         counter = self._stream_counters.get(klass)
         if counter is None:  # labels() costs a lock and a lookup: once per class
@@ -422,7 +448,7 @@ class Hub:
         counter.inc()
 
     def stream_closed(self, call: Call) -> None:
-        self.streams[call.klass.value] -= 1
+        self.streams[call.klass._value_] -= 1
 
     def pool_of(self, replica: str) -> str:
         r = self.registry.snapshot.by_id.get(replica)

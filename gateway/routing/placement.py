@@ -212,13 +212,18 @@ class ConnectionPlacement:
         self._held[stream] = _Held("ref", ref, now + self._hold_timeout)
         return []
 
+    def other_target(self) -> str | None:
+        """Where `other` routes without a pick: the last history call's replica, else the
+        bound one (None: `other` picks)."""
+        return self.history_replica or self.bound
+
     def other(self, stream: int, pick: Picker) -> list[Decision]:
         """A call outside any build (content, traces, unknown methods).
 
         Content reads follow the connection's last history call (buildx reads the blobs of
         the build it just looked up), else the bound replica, else the connection key's.
         """
-        target = self.history_replica or self.bound
+        target = self.other_target()
         if target is not None:
             return [Route(stream, target)]
         chosen = pick(None, internal=True, ref="")  # internal picks take no key: two choices

@@ -172,3 +172,46 @@ def test_decoder_accepts_multi_megabyte_lists_when_allowed() -> None:
     assert hd.HeaderDecoder(max_header_list_size=16 << 20).decode(block) == [
         (b"grpc-message", value)
     ]
+
+
+def test_repeated_block_is_decoded_once_while_the_table_is_unchanged() -> None:
+    peer = hpack.Encoder()
+    decoder = hd.HeaderDecoder(max_header_list_size=1 << 20)
+    h = [(b":path", b"/containerd.services.content.v1.Content/Info"), (b"te", b"trailers")]
+    decoder.decode(peer.encode(h))  # the literals enter both tables
+    indexed = peer.encode(h)
+    first = decoder.decode(indexed)
+    assert first == h and decoder.size == hd.list_size(h)
+    assert decoder.decode(indexed) is first  # remembered: the table did not change
+    # A literal with indexing changes the table: the same bytes now mean something else.
+    h2 = [(b"x-new", b"v")]
+    decoder.decode(peer.encode(h2))
+    shifted = peer.encode(h)  # the peer's indexes moved by one entry
+    assert decoder.decode(shifted) == h
+    assert decoder.decode(indexed) != h  # the old bytes, decoded afresh against the new table
+
+
+@settings(max_examples=80, deadline=None)
+@given(lists=st.lists(st.sampled_from([
+    [(b":status", b"200"), (b"content-type", b"application/grpc")],
+    [(b"grpc-status", b"0")],
+    [(b"grpc-status", b"5"), (b"grpc-message", b"not found")],
+    [(b"x-a", b"1"), (b"x-b", b"2")],
+]), min_size=1, max_size=30))
+def test_remembered_blocks_agree_with_the_reference_decoder(
+        lists: list[list[tuple[bytes, bytes]]]) -> None:
+    peer = hpack.Encoder()
+    ref = hpack.Decoder(max_header_list_size=1 << 24)
+    decoder = hd.HeaderDecoder(max_header_list_size=1 << 24)
+    for headers in lists:
+        block = peer.encode(headers)
+        assert decoder.decode(block) == reference_decode(block, ref) == headers
+        assert decoder.size == hd.list_size(headers)
+
+
+@FAST
+@given(headers=header_lists)
+def test_encode_memo_gives_the_same_block(headers: list[tuple[bytes, bytes]]) -> None:
+    once = hd.encode(headers)
+    assert hd.encode(list(headers)) == once == hd.encode(iter(headers))
+    assert reference_decode(once) == headers

@@ -67,7 +67,6 @@ import platform
 import resource
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -105,6 +104,7 @@ from upload import (
     random_id,
     start_gateway,
     start_haproxy,
+    stoppable,
 )
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -992,26 +992,8 @@ async def amain(args: argparse.Namespace) -> int:
 
 async def interruptible(args: argparse.Namespace) -> int:
     """amain, cancelled on SIGTERM/SIGHUP (SIGINT: asyncio.run cancels it); the finally
-    blocks stop every process started."""
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    got: list[int] = []
-
-    def stop(signum: int) -> None:
-        got.append(signum)
-        task.cancel()
-
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        loop.add_signal_handler(sig, stop, sig)
-    try:
-        return await amain(args)
-    except asyncio.CancelledError:
-        _kill_workers()
-        if not got:
-            raise
-        print(f"\ninterrupted by signal {got[0]}: stopped", file=sys.stderr, flush=True)
-        return 128 + got[0]
+    blocks stop every process started, and the worker processes are killed."""
+    return await stoppable(amain(args), cleanup=_kill_workers)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

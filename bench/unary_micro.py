@@ -22,16 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from prometheus_client import CollectorRegistry
-
-from gateway import config
-from gateway.builds.ledger import Ledger
-from gateway.metrics import Metrics
-from gateway.relay.backend import BackendConn, Upstream
+from gateway.relay.backend import BackendConn
 from gateway.relay.client import ClientConn
-from gateway.relay.hub import Hub
-from gateway.replicas.registry import Registry, Replica
-from tests.fakes.relay_wiring import RecordingTransport
+from tests.fakes.relay_wiring import RecordingTransport, wired_hub
 
 PATH = "/containerd.services.content.v1.Content/Info"
 REQUEST = b"\n\x47sha256:" + b"a" * 64
@@ -73,16 +66,7 @@ async def record(port: int, calls: int, out: Path, callers: int = 64) -> None:
 
 
 def replay(log: list[tuple[str, bytes]]) -> tuple[ClientConn, float]:
-    settings = config.load(["--replica", "tcp://127.0.0.1:9"], {})
-    registry = Registry([Replica("r", "tcp://127.0.0.1:9", ready=True, reason="")])
-    hub = Hub(relay=settings.relay, routing=settings.routing, pools=settings.pools,
-              registry=registry, ledger=Ledger(),
-              control=config.Endpoint("unix", path="/nonexistent"),
-              spawn=lambda coro, name: coro.close(),
-              metrics=Metrics(CollectorRegistry(), version="test"),
-              eject=lambda replica, reason: None)
-    upstream = Upstream(hub, "r", config.parse_endpoint("tcp://127.0.0.1:9"), settings.relay)
-    hub.upstreams["r"] = upstream
+    hub, upstream = wired_hub()
     backend = BackendConn(upstream)
     backend.connection_made(RecordingTransport(keep=False))
     upstream.connected(backend)

@@ -51,8 +51,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hpack import Decoder, Encoder
 
@@ -1368,6 +1370,14 @@ def main(argv: list[str] | None = None) -> int:
 
 async def interruptible(args: argparse.Namespace) -> int:
     """amain, cancelled on SIGTERM/SIGHUP (SIGINT: the runner cancels it), children stopped."""
+    return await stoppable(amain(args))
+
+
+async def stoppable(work: Coroutine[Any, Any, int], *,
+                    cleanup: Callable[[], None] = lambda: None) -> int:
+    """`work`, cancelled on SIGTERM/SIGHUP: `cleanup` runs, then 128 + the signal is returned
+    (SIGINT: the runner cancels it; the CancelledError goes on after `cleanup`). The finally
+    blocks of `work` stop every process it started."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
@@ -1380,8 +1390,9 @@ async def interruptible(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stop, sig)
     try:
-        return await amain(args)
+        return await work
     except asyncio.CancelledError:
+        cleanup()
         if not got:
             raise
         print(f"\ninterrupted by signal {got[0]}: stopped", file=sys.stderr, flush=True)

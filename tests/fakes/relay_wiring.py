@@ -68,14 +68,8 @@ class WiredRelay:
     bsid: int  # the Session's stream on the replica connection
 
 
-def wired_relay(*, replica_frames: bytes, client_settings: list[tuple[int, int]],
-                client_cls: type[ClientConn] = ClientConn,
-                backend_cls: type[BackendConn] = BackendConn, keep: bool = True) -> WiredRelay:
-    """A Solve and its Session from one client, routed to one replica connection.
-
-    `replica_frames` is what the replica says first (its SETTINGS, window updates); the replica
-    has answered the Session's headers by the time this returns.
-    """
+def wired_hub() -> tuple[Hub, Upstream]:
+    """A hub over one ready replica "r" whose upstream is in place (not yet connected)."""
     settings = config.load(["--replica", "tcp://127.0.0.1:9"], {})
     registry = Registry([Replica("r", "tcp://127.0.0.1:9", ready=True, reason="")])
     hub = Hub(relay=settings.relay, routing=settings.routing, pools=settings.pools,
@@ -86,6 +80,18 @@ def wired_relay(*, replica_frames: bytes, client_settings: list[tuple[int, int]]
               eject=lambda replica, reason: None)
     upstream = Upstream(hub, "r", config.parse_endpoint("tcp://127.0.0.1:9"), settings.relay)
     hub.upstreams["r"] = upstream
+    return hub, upstream
+
+
+def wired_relay(*, replica_frames: bytes, client_settings: list[tuple[int, int]],
+                client_cls: type[ClientConn] = ClientConn,
+                backend_cls: type[BackendConn] = BackendConn, keep: bool = True) -> WiredRelay:
+    """A Solve and its Session from one client, routed to one replica connection.
+
+    `replica_frames` is what the replica says first (its SETTINGS, window updates); the replica
+    has answered the Session's headers by the time this returns.
+    """
+    hub, upstream = wired_hub()
     backend = backend_cls(upstream)
     backend_tx = RecordingTransport(keep=keep)
     backend.connection_made(backend_tx)

@@ -200,8 +200,9 @@ class Hub:
         if not internal and state.queue and not queued:
             return WAIT
         self._candidates(state, snap)
-        if internal and not ref:  # every placeable replica is open: two distinct draws
-            return self._any_two(state.placeable)
+        if internal and not ref:  # every placeable replica is open: no tallies needed
+            chosen = picking.two_choices(state.placeable, self.ledger.loads(), self._rng)
+            return WAIT if chosen is None else (chosen, picking.Outcome.RANDOM)
         exclude = self.ledger.running_on(ref) if ref else frozenset()
         loads = self.ledger.loads()
         slots = 0 if internal else state.settings.max_builds
@@ -228,24 +229,7 @@ class Hub:
         None when the pool has none."""
         state = self.pools[pool]
         self._candidates(state, self.registry.snapshot)
-        chosen = self._any_two(state.placeable)
-        return chosen[0] if isinstance(chosen, tuple) else None
-
-    def _any_two(self, placeable: tuple[str, ...]) -> Pick:
-        """Two choices when no candidate is closed (an internal pick without a Ref: calls
-        outside builds): the lighter of two distinct uniform draws, as `two_choices` would
-        draw them, without its per-draw checks (one or two draws instead of up to DRAWS)."""
-        n = len(placeable)
-        if n <= 1:
-            return (placeable[0], picking.Outcome.RANDOM) if n else WAIT
-        rand = self._rng.random
-        i = int(rand() * n)
-        j = int(rand() * (n - 1))
-        if j >= i:
-            j += 1
-        a, b = placeable[i], placeable[j]
-        loads = self.ledger.loads()
-        return (a if loads.get(a, 0) <= loads.get(b, 0) else b), picking.Outcome.RANDOM
+        return picking.two_choices(state.placeable, self.ledger.loads(), self._rng)
 
     def _remembered(self, state: PoolState, key: str, ring_pick: tuple[str, picking.Outcome],
                     loads: Mapping[str, int], *, cap: int, exclude: frozenset[str],

@@ -94,9 +94,19 @@ def two_choices(
     Draws indexes, redrawing a closed or repeated candidate, up to DRAWS draws; then scans
     for the open ones and samples two. Either way every ordered pair of open candidates is
     equally likely, so the scan is a fallback, not a bias: it runs when open candidates are
-    scarce (e.g. most replicas at their slot limit)."""
-    if not candidates:
+    scarce (e.g. most replicas at their slot limit). With nothing to exclude and no limit
+    every candidate is open: two distinct indexes are drawn directly (calls outside builds,
+    where one or two replicas would otherwise take up to DRAWS draws)."""
+    n = len(candidates)
+    if not n:
         return None
+    if not exclude and not limit:
+        if n == 1:
+            return candidates[0]
+        rand = rng.random
+        i = int(rand() * n)
+        j = int(rand() * (n - 1))
+        return _lighter(candidates[i], candidates[j + (j >= i)], loads)
     drawn: list[str] = []
     for _ in range(DRAWS):
         node = candidates[rng.randrange(len(candidates))]

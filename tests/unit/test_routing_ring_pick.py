@@ -447,6 +447,18 @@ def test_open_share_takes_out_open_excluded_members() -> None:
 # ---- two choices: draws, and the scan when open candidates are scarce ------------------------
 
 
+def test_two_choices_without_exclusions_draws_two_distinct_at_once() -> None:
+    # nothing excluded, no limit (calls outside builds): the same probabilities as the draws
+    loads = {"a": 0, "b": 1, "c": 2, "d": 3}
+    rng = random.Random(2024)
+    counts = Counter(two_choices(list(loads), loads, rng) for _ in range(6000))
+    assert counts["d"] == 0 and set(counts) <= {"a", "b", "c"}
+    for node, p in (("a", 3 / 6), ("b", 2 / 6), ("c", 1 / 6)):
+        assert abs(counts[node] / 6000 - p) < 0.03, counts
+    assert two_choices(["only"], {"only": 9}, rng) == "only"
+    assert two_choices(["only"], {"only": 9}, rng, limit=9) is None  # closed: none
+
+
 @pytest.mark.parametrize("closed", [0, 36])
 def test_two_choices_probabilities(closed: int) -> None:
     # four open candidates with loads 0..3: the lighter of a uniform pair is the lightest

@@ -189,31 +189,29 @@ class Gateway:
         any, the gateway also takes part in the election of the one gateway that scales and
         publishes its demand (scaling/lease.py)."""
         kube = self.kube
-        autoscaled = {p.name: p.kube for p in self.settings.pools
-                      if p.scaling is not None and p.kube is not None}
+        autoscaled = [(p.name, p.scaling, p.kube) for p in self.settings.pools
+                      if p.scaling is not None and p.kube is not None]
         if not autoscaled or kube is None:
             return
-        names = list(autoscaled)
+        names = [name for name, _, _ in autoscaled]
         coordinator = Coordinator(
             kube=kube, settings=self.settings.kube,
-            namespace=next(iter(autoscaled.values())).namespace or kube.namespace,
+            namespace=autoscaled[0][2].namespace or kube.namespace,
             identity=own_identity(self.settings.kube.identity),
             demand=lambda: {name: self._own_demand(name) for name in names},
             memory=hub.affinity, metrics=self.metrics, on_change=self._leadership_changed)
         self.coordinator = coordinator
-        for pool in self.settings.pools:
-            if pool.scaling is None or pool.kube is None or kube is None:
-                continue
-            watch = self.watches[pool.name]
-            scaler = PoolScaler(pool=pool.name, policy=pool.scaling, workload=pool.kube,
+        for name, policy, workload in autoscaled:
+            watch = self.watches[name]
+            scaler = PoolScaler(pool=name, policy=policy, workload=workload,
                                 kube=kube, settings=self.settings.kube, registry=self.registry,
                                 pods=functools.partial(getattr, watch, "pods"),
                                 synced=watch.synced,
                                 demand=self._demand, metrics=self.metrics,
                                 on_starting=hub.set_starting,
                                 leading=lambda: coordinator.leading)
-            self.scalers[pool.name] = scaler
-            spawn(scaler.run(), f"scale pool {pool.name}")
+            self.scalers[name] = scaler
+            spawn(scaler.run(), f"scale pool {name}")
         spawn(coordinator.run(), "elect the scaler and publish demand")
         hub.on_demand = self._poke
         if self.control is not None:

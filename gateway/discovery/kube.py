@@ -22,7 +22,7 @@ import aiohttp
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from gateway.config import KubeSettings
+from gateway.config import KubeSettings, KubeWorkload
 from gateway.metrics import Metrics
 
 log = logging.getLogger("gateway.kube")
@@ -30,6 +30,25 @@ log = logging.getLogger("gateway.kube")
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 API_ERRORS = (ApiException, aiohttp.ClientError, OSError, TimeoutError, ValueError)
 """What a call to an API that is down, overloaded or refusing raises."""
+
+
+async def read_scale(apps: client.AppsV1Api, workload: KubeWorkload,
+                     namespace: str) -> client.V1Scale:
+    """The scale subresource of a pool's Deployment or StatefulSet: its count and selector
+    (the one read the Role allows on the workload)."""
+    if workload.statefulset:
+        return await apps.read_namespaced_stateful_set_scale(workload.statefulset, namespace)
+    return await apps.read_namespaced_deployment_scale(workload.deployment, namespace)
+
+
+async def patch_scale(apps: client.AppsV1Api, workload: KubeWorkload, namespace: str,
+                      replicas: int) -> None:
+    """Sets the count of a pool's Deployment or StatefulSet."""
+    body = {"spec": {"replicas": replicas}}
+    if workload.statefulset:
+        await apps.patch_namespaced_stateful_set_scale(workload.statefulset, namespace, body)
+    else:
+        await apps.patch_namespaced_deployment_scale(workload.deployment, namespace, body)
 
 
 class Gone(Exception):

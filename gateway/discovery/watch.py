@@ -27,7 +27,7 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from gateway.config import KubeSettings, KubeWorkload
-from gateway.discovery.kube import API_ERRORS, Gone, Kube, json_body
+from gateway.discovery.kube import API_ERRORS, Gone, Kube, json_body, read_scale
 from gateway.discovery.pods import PodView, pod_view
 from gateway.metrics import Metrics
 from gateway.replicas.registry import Registry
@@ -69,7 +69,7 @@ class PodWatch:
             started = loop.time()
             try:
                 if not self.selector:
-                    self.selector = await self._deployment_selector()
+                    self.selector = await self._workload_selector()
                 if not self.resource_version:
                     await self._list()
                 await self._watch()
@@ -93,15 +93,10 @@ class PodWatch:
             await asyncio.sleep(backoff)  # failing, or ending at once: never a hot loop
             backoff = min(backoff * 2, self.settings.backoff_max)
 
-    async def _deployment_selector(self) -> str:
+    async def _workload_selector(self) -> str:
         """The workload's pod selector, from its scale subresource (what the Role allows)."""
-        apps = client.AppsV1Api(self.kube.api)
-        if self.workload.statefulset:
-            scale = await apps.read_namespaced_stateful_set_scale(self.workload.statefulset,
-                                                                  self.namespace)
-        else:
-            scale = await apps.read_namespaced_deployment_scale(self.workload.deployment,
-                                                                self.namespace)
+        scale = await read_scale(client.AppsV1Api(self.kube.api), self.workload,
+                                 self.namespace)
         selector = str(scale.status.selector or "")
         if not selector:
             raise ValueError(f"{self.workload.kind} {self.namespace}/{self.workload.name} has "

@@ -109,9 +109,7 @@ class Coordinator:
 
     def others(self, pool: str) -> list[Demand]:
         """The fresh demand of the other gateways for `pool` (the leader's view)."""
-        now = self._now()
-        return [d[pool] for name, d in self._peer_demand.items()
-                if pool in d and name in self._peers and not self._peers[name].expired(now)]
+        return [d[pool] for d in self._counted(self._now()).values() if pool in d]
 
     def demand_changed(self) -> None:
         self.wake.set()
@@ -289,11 +287,11 @@ class Coordinator:
                             str(lease.metadata.resource_version))
             previous = self._peers.get(name)
             seen = self._peers[name] = shared.observe(previous, record, now)
-            annotations = lease.metadata.annotations or {}
-            self._peer_demand[name] = shared.decode_demand(
-                annotations.get(shared.DEMAND_ANNOTATION))
-            if seen is not previous:  # written since: its builds' places (even if expired)
-                self.memory.merge(affinity.decode(_json(
+            if seen is not previous:  # written since: its demand, its builds' places
+                annotations = lease.metadata.annotations or {}
+                self._peer_demand[name] = shared.decode_demand(
+                    annotations.get(shared.DEMAND_ANNOTATION))
+                self.memory.merge(affinity.decode(_json(  # expired or not
                     annotations.get(shared.AFFINITY_ANNOTATION))))
             if now >= seen.at + GC_AFTER * max(record.duration, self.duration):
                 stale.append(name)

@@ -40,7 +40,7 @@ from typing import Any
 from kubernetes_asyncio import client
 
 from gateway.config import KubeSettings, KubeWorkload, ScalingSettings
-from gateway.discovery.kube import API_ERRORS, Kube
+from gateway.discovery.kube import API_ERRORS, Kube, patch_scale, read_scale
 from gateway.discovery.pods import DELETION_COST, PodView
 from gateway.metrics import Metrics
 from gateway.replicas.registry import Registry
@@ -170,7 +170,7 @@ class PoolScaler:
                 self.wake.set()
 
     async def _reconcile(self) -> None:
-        scale = await self._read_scale()
+        scale = await read_scale(self._apps, self.workload, self.namespace)
         self.kube.health.succeeded()
         current = int(scale.spec.replicas or 0)
         self.current = current
@@ -188,7 +188,7 @@ class PoolScaler:
             if target < current:
                 self._leave(chosen)  # from now on nothing, not even a bound build, goes there
             try:
-                await self._patch_scale(target)
+                await patch_scale(self._apps, self.workload, self.namespace, target)
             except BaseException:
                 if target < current:
                     self._stay(chosen)  # still victims: chosen again, or taken back, next time
@@ -250,22 +250,6 @@ class PoolScaler:
         self._drain(set(draining))
         target = min(current, count)
         return target, {n for n in draining if (decision.ordinal(n) or 0) >= target}
-
-    async def _read_scale(self) -> Any:
-        if self.workload.statefulset:
-            return await self._apps.read_namespaced_stateful_set_scale(
-                self.workload.statefulset, self.namespace)
-        return await self._apps.read_namespaced_deployment_scale(self.workload.deployment,
-                                                                 self.namespace)
-
-    async def _patch_scale(self, replicas: int) -> None:
-        body = {"spec": {"replicas": replicas}}
-        if self.workload.statefulset:
-            await self._apps.patch_namespaced_stateful_set_scale(self.workload.statefulset,
-                                                                 self.namespace, body)
-        else:
-            await self._apps.patch_namespaced_deployment_scale(self.workload.deployment,
-                                                               self.namespace, body)
 
     def _stale_costs(self) -> set[str]:
         """Pods with a victim's cost that are no victims of this scaler (a former leader's)."""

@@ -1,14 +1,22 @@
-"""Header blocks: decoding with one persistent HPACK decoder per direction, stateless encoding.
+"""Header blocks: decoding with one persistent HPACK decoder per direction; encoding stateless
+toward clients and with a dynamic table toward replicas.
 
 Design: peers may use a dynamic table of the default 4,096 bytes (SETTINGS_HEADER_TABLE_SIZE is
 left as it is), so a client's repeated headers arrive as one-byte indexes. There is one
 `HeaderDecoder` per connection direction and every block is decoded, even of streams already
 reset, so the table stays in step with the peer.
 
-Encoding never touches a dynamic table: each field is a static-table index when the whole pair is
+`encode` never touches a dynamic table: each field is a static-table index when the whole pair is
 in the static table, else a literal "without indexing" (with an indexed name when the name is in
 the static table). A block encoded this way means the same whatever the receiver's table holds,
-so a stream's headers can be encoded early, held, and sent in any order on any connection.
+so a stream's headers can be encoded early, held, and sent in any order on any connection: what
+the relay does toward clients, whose response headers and trailers wait behind their stream's
+data in the send scheduler.
+
+`HeaderEncoder` keeps a dynamic table in step with one peer's decoder, for a connection whose
+blocks go out in the order they are encoded (requests toward a replica: each HEADERS frame is
+queued as it is encoded). A request's repeated fields then cost the replica a one-byte index
+each instead of a literal (a gRPC request block: about 10 bytes instead of about 225).
 Header lists are raw bytes pairs, kept in order with repeated names as separate fields.
 """
 
@@ -38,7 +46,7 @@ _STATIC: tuple[tuple[bytes, bytes], ...] = tuple(HeaderTable.STATIC_TABLE)
 _STATIC_COUNT = len(_STATIC)
 _MAX_INT_BYTES = 5  # continuation bytes of an HPACK integer: up to 2^35, far above any limit
 
-_MEMO_ENTRIES = 64  # decoded blocks remembered per decoder
+_MEMO_ENTRIES = 64  # blocks remembered per decoder or encoder
 _MEMO_LONGEST = 256  # longer blocks are never remembered
 
 _HUFFMAN_MEMO: dict[bytes, bytes] = {}
@@ -313,3 +321,116 @@ def get(headers: Headers, name: bytes) -> bytes | None:
 
 def get_all(headers: Headers, name: bytes) -> list[bytes]:
     return [v for n, v in headers if n == name]
+
+
+# Fields never put in the dynamic table: values that change on every call (a deadline, trace
+# ids) would only push out the ones that repeat; credentials go as "never indexed" (RFC 7541
+# 7.1.3), which also tells intermediaries not to index them.
+_NOT_INDEXED = frozenset({b"grpc-timeout", b"traceparent", b"tracestate", b"grpc-trace-bin",
+                          b"content-length"})
+_NEVER_INDEXED = frozenset({b"authorization", b"proxy-authorization", b"cookie", b"set-cookie"})
+
+
+class HeaderEncoder:
+    """Encodes the header blocks of one direction of one connection with a dynamic table.
+
+    Invariant: the blocks reach the peer in the order `encode` returned them, and the peer's
+    decoder applies each one, so both tables hold the same entries. A field already in the
+    table is sent as its index; one that may repeat is sent as a literal "with incremental
+    indexing" and added (the oldest entries are evicted to make room); values that change call
+    after call (`_NOT_INDEXED`) or are credentials (`_NEVER_INDEXED`) and entries larger than a
+    quarter of the table are sent as literals and never added.
+
+    The table holds at most `limit` bytes: 4,096 (the protocol's initial
+    SETTINGS_HEADER_TABLE_SIZE) until the peer's SETTINGS say less (`peer_limit`), which the
+    next block starts with as a dynamic table size update. A raised setting is not followed:
+    using less than the peer allows is always valid.
+
+    Cost: a block of a list seen before, encoded while the table has not changed since (the
+    steady state of a gRPC client's calls), is one dictionary lookup.
+    """
+
+    __slots__ = ("_inserted", "_memo", "_numbers", "_pending", "_size", "_table", "limit")
+
+    def __init__(self, *, limit: int = DEFAULT_TABLE_SIZE) -> None:
+        self.limit = limit
+        self._table: list[tuple[tuple[bytes, bytes], int]] = []  # (field, number), oldest 1st
+        self._numbers: dict[tuple[bytes, bytes], int] = {}  # field -> its newest entry's number
+        self._inserted = 0  # entries ever added: the next entry's number
+        self._size = 0
+        self._pending = False  # a size update leads the next block
+        self._memo: dict[tuple[tuple[bytes, bytes], ...], bytes] = {}  # while the table holds
+
+    def peer_limit(self, value: int) -> None:
+        """The peer's SETTINGS_HEADER_TABLE_SIZE: the table shrinks to it if it is less."""
+        if value < self.limit:
+            self.limit = value
+            self._evict(0)
+            self._pending = True
+            self._memo.clear()
+
+    def encode(self, headers: list[tuple[bytes, bytes]]) -> bytes:
+        """The block of `headers`, to be sent before any block encoded after it."""
+        key = tuple(headers)
+        block = self._memo.get(key)
+        if block is not None:
+            return block
+        inserted = self._inserted
+        out: list[bytes] = []
+        update = self._pending
+        if update:
+            out.append(_integer(self.limit, 5, 0x20))
+            self._pending = False
+        numbers = self._numbers
+        for field in headers:
+            number = numbers.get(field)
+            if number is not None:
+                out.append(_integer(_STATIC_COUNT + self._inserted - number, 7, 0x80))
+                continue
+            index = _STATIC_PAIR.get(field)
+            if index is not None:
+                out.append(_integer(index, 7, 0x80))
+                continue
+            name, value = field
+            entry = len(name) + len(value) + 32
+            if name in _NOT_INDEXED or name in _NEVER_INDEXED or entry > self.limit // 4:
+                flag = 0x10 if name in _NEVER_INDEXED else 0x00
+                name_index = _STATIC_NAME.get(name)
+                if name_index is not None:
+                    out.append(_integer(name_index, 4, flag) + _string(value))
+                else:
+                    out.append(bytes((flag,)) + _string(name) + _string(value))
+                continue
+            name_index = _STATIC_NAME.get(name)
+            if name_index is not None:
+                out.append(_integer(name_index, 6, 0x40) + _string(value))
+            else:
+                out.append(b"\x40" + _string(name) + _string(value))
+            self._add(field, entry)
+        block = b"".join(out)
+        if self._inserted != inserted:
+            self._memo.clear()  # every remembered block's indexes moved
+        elif not update and len(block) <= _MEMO_LONGEST:
+            if len(self._memo) >= _MEMO_ENTRIES:
+                self._memo.clear()
+            self._memo[key] = block
+        return block
+
+    def _add(self, field: tuple[bytes, bytes], entry: int) -> None:
+        self._evict(entry)
+        self._table.append((field, self._inserted))
+        self._numbers[field] = self._inserted
+        self._inserted += 1
+        self._size += entry
+
+    def _evict(self, room: int) -> None:
+        table = self._table
+        evicted = 0
+        while evicted < len(table) and self._size + room > self.limit:
+            (name, value), number = table[evicted]
+            evicted += 1
+            self._size -= len(name) + len(value) + 32
+            if self._numbers.get((name, value)) == number:
+                del self._numbers[(name, value)]
+        if evicted:
+            del table[:evicted]

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from gateway import errors
 from gateway.config import Endpoint, RelaySettings
 from gateway.h2 import frames as fr
-from gateway.h2.headers import Headers, encode, get
+from gateway.h2.headers import HeaderEncoder, Headers, encode, get
 from gateway.metrics import DOWNSTREAM
 from gateway.relay.call import Call
 from gateway.relay.conn import H2Conn, flush_dirty
@@ -52,6 +52,9 @@ class BackendConn(H2Conn):
         self.errors = upstream.hub.metrics.http2_errors
         self.upstream = upstream
         self.calls: dict[int, Call] = {}
+        # Request blocks go out in the order they are encoded (open_stream queues each HEADERS
+        # frame at once), so they can index into a table kept in step with the replica's.
+        self.encoder = HeaderEncoder()
         self.next_sid = 1
         self.usable = True  # false after GOAWAY or loss
 
@@ -64,6 +67,9 @@ class BackendConn(H2Conn):
 
     def local_settings(self) -> list[tuple[int, int]]:
         return [*super().local_settings(), (fr.SETTINGS_ENABLE_PUSH, 0)]
+
+    def on_table_size(self, value: int) -> None:
+        self.encoder.peer_limit(value)
 
     def has_stream(self, sid: int) -> bool:
         return sid in self.calls
@@ -79,7 +85,8 @@ class BackendConn(H2Conn):
         self.sched.open(sid)
         call.backend = self
         call.bsid = sid
-        self.out.append(self.send_headers(sid, encode(call.headers), end_stream=False))
+        self.out.append(self.send_headers(sid, self.encoder.encode(call.headers),
+                                          end_stream=False))
         held, call.held = call.held or [], None
         call.held_bytes = 0
         client = call.client

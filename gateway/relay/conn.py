@@ -379,6 +379,8 @@ class H2Conn(asyncio.Protocol):
                 self.peer_max_streams = value
             elif key == fr.SETTINGS_ENABLE_PUSH and value > 1:
                 raise fr.ProtocolError(fr.PROTOCOL_ERROR, "invalid SETTINGS_ENABLE_PUSH")
+            elif key == fr.SETTINGS_HEADER_TABLE_SIZE:
+                self.on_table_size(value)
         # The ACK goes out before any DATA the new window lets through: a peer may hold us to
         # its previous window until it has seen the ACK (grpc-core resets the stream otherwise).
         self.out.append(fr.SETTINGS_ACK)
@@ -463,6 +465,9 @@ class H2Conn(asyncio.Protocol):
 
     def on_goaway(self, last_sid: int, code: int, debug: bytes) -> None:
         pass
+
+    def on_table_size(self, value: int) -> None:
+        """The peer's SETTINGS_HEADER_TABLE_SIZE (for an encoder with a dynamic table)."""
 
     def on_settings(self) -> None:
         pass

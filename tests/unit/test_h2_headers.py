@@ -215,3 +215,70 @@ def test_encode_memo_gives_the_same_block(headers: list[tuple[bytes, bytes]]) ->
     once = hd.encode(headers)
     assert hd.encode(list(headers)) == once == hd.encode(iter(headers))
     assert reference_decode(once) == headers
+
+
+# ---- HeaderEncoder: a dynamic table in step with one peer's decoder ----------------------
+
+limits = st.sampled_from([0, 1, 64, 100, 256, 1024, 4096])
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=st.lists(st.one_of(header_lists.map(lambda h: ("block", h)),
+                                limits.map(lambda n: ("limit", n))), max_size=30))
+def test_table_encoder_stays_in_step_with_independent_decoders(steps: list) -> None:
+    # hpack's decoder and ours read the same stream of blocks, with the peer lowering its
+    # SETTINGS_HEADER_TABLE_SIZE in between: every block decodes to its list.
+    encoder = hd.HeaderEncoder()
+    reference = hpack.Decoder(max_header_list_size=1 << 24)
+    ours = hd.HeaderDecoder(max_header_list_size=1 << 24)
+    for kind, value in steps:
+        if kind == "limit":
+            encoder.peer_limit(value)
+            continue
+        block = encoder.encode(value)
+        assert reference_decode(block, reference) == value
+        assert ours.decode(block) == value
+        assert reference.header_table.maxsize == encoder.limit
+
+
+def test_repeated_requests_become_indexes() -> None:
+    request = [(b":method", b"POST"), (b":scheme", b"http"),
+               (b":path", b"/containerd.services.content.v1.Content/Info"),
+               (b":authority", b"gateway:1234"), (b"te", b"trailers"),
+               (b"content-type", b"application/grpc"), (b"user-agent", b"grpc-go/1.59.0"),
+               (b"grpc-timeout", b"9999981u")]
+    encoder = hd.HeaderEncoder()
+    decoder = hpack.Decoder()
+    first = encoder.encode(request)
+    assert reference_decode(first, decoder) == request
+    again = [*request[:-1], (b"grpc-timeout", b"9999562u")]
+    second = encoder.encode(again)
+    assert reference_decode(second, decoder) == again
+    # Seven one-byte indexes; the deadline stays a literal and out of the table.
+    assert len(second) == 7 + len(hd.encode([again[-1]]))
+    assert all(b"9999" not in bytes(n + v) for n, v in
+               ((e[0], e[1]) for e in decoder.header_table.dynamic_entries))
+    assert encoder.encode(again) == second  # the table did not change: same block
+
+
+def test_credentials_are_never_indexed() -> None:
+    encoder = hd.HeaderEncoder()
+    block = encoder.encode([(b"authorization", b"Bearer t")])
+    assert block[0] & 0xF0 == 0x10  # literal never indexed, RFC 7541 6.2.3
+    assert reference_decode(block) == [(b"authorization", b"Bearer t")]
+    assert encoder.encode([(b"authorization", b"Bearer t")]) == block
+
+
+def test_lowered_peer_limit_leads_the_next_block_with_a_size_update() -> None:
+    encoder = hd.HeaderEncoder()
+    decoder = hpack.Decoder()
+    headers = [(b"x-a", b"1"), (b"x-b", b"2")]
+    reference_decode(encoder.encode(headers), decoder)
+    encoder.peer_limit(0)
+    block = encoder.encode(headers)
+    assert block[0] == 0x20  # size update to 0 first
+    assert reference_decode(block, decoder) == headers
+    assert decoder.header_table.maxsize == 0
+    encoder.peer_limit(8192)  # a raised setting is not followed
+    assert encoder.limit == 0
+    assert encoder.encode(headers)[0] != 0x20

@@ -1,0 +1,149 @@
+"""Request headers toward a replica index into an HPACK dynamic table kept in step with it.
+
+The replica here is the `h2` library (an independent HTTP/2 and HPACK implementation), serving
+gRPC by hand: it advertises a SETTINGS_HEADER_TABLE_SIZE, answers the gateway's probes, and
+echoes each request's header list back as the reply, so the client sees exactly what the
+replica's decoder made of the gateway's blocks, call after call, while entries are added and
+evicted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import struct
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    RequestReceived,
+    StreamEnded,
+    StreamReset,
+)
+from h2.settings import SettingCodes
+
+from tests.conftest import gateway_port, running_gateway
+
+pytestmark = pytest.mark.timeout(30)
+
+ECHO = "/test.Headers/Echo"
+
+
+def _message(body: bytes) -> bytes:
+    return b"\x00" + struct.pack(">I", len(body)) + body
+
+
+def _field(number: int, value: bytes) -> bytes:
+    return bytes((number << 3 | 2, len(value))) + value
+
+
+def _reply(path: str, headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """The reply message of `path` (None: the call stays open, as subscriptions do)."""
+    if path == "/grpc.health.v1.Health/Check":
+        return b"\x08\x01"
+    if path == "/moby.buildkit.v1.Control/ListWorkers":
+        platform = _field(1, b"amd64") + _field(2, b"linux")
+        return _field(1, _field(1, b"h2-worker") + _field(3, platform))
+    if path == "/moby.buildkit.v1.Control/Info":
+        return _field(1, _field(1, b"github.com/moby/buildkit") + _field(2, b"v0.0.0-h2"))
+    if path in ("/grpc.health.v1.Health/Watch", "/moby.buildkit.v1.Control/ListenBuildHistory"):
+        return None
+    return b"\n".join(n + b"=" + v for n, v in headers if not n.startswith(b":"))
+
+
+class H2Replica(asyncio.Protocol):
+    """One connection of the replica, served by `h2`."""
+
+    def __init__(self, table_size: int, served: list[H2Replica]) -> None:
+        config = H2Configuration(client_side=False, header_encoding=None)
+        self.conn = H2Connection(config=config)
+        self.conn.local_settings = self.conn.local_settings.__class__(
+            client=False, initial_values={SettingCodes.HEADER_TABLE_SIZE: table_size})
+        served.append(self)
+        self.echoed = 0  # calls of ECHO answered (the gateway's relay connections)
+        self.transport: asyncio.Transport | None = None
+        self.requests: dict[int, list[tuple[bytes, bytes]]] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.conn.initiate_connection()
+        transport.write(self.conn.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        for event in self.conn.receive_data(data):
+            if isinstance(event, RequestReceived):
+                self.requests[event.stream_id] = [(bytes(n), bytes(v))
+                                                  for n, v in event.headers]
+            elif isinstance(event, DataReceived):
+                self.conn.acknowledge_received_data(event.flow_controlled_length,
+                                                    event.stream_id)
+            elif isinstance(event, StreamEnded):
+                self._answer(event.stream_id)
+            elif isinstance(event, StreamReset):
+                self.requests.pop(event.stream_id, None)
+            elif isinstance(event, ConnectionTerminated):
+                self.transport.close()
+        self.transport.write(self.conn.data_to_send())
+
+    def _answer(self, sid: int) -> None:
+        headers = self.requests.pop(sid)
+        path = dict(headers)[b":path"].decode()
+        body = _reply(path, headers)
+        if body is None:
+            return
+        self.echoed += path == ECHO
+        self.conn.send_headers(sid, [(b":status", b"200"),
+                                     (b"content-type", b"application/grpc")])
+        self.conn.send_data(sid, _message(body))
+        self.conn.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True)
+
+
+@contextlib.asynccontextmanager
+async def h2_replica(table_size: int) -> AsyncIterator[tuple[str, list[H2Replica]]]:
+    served: list[H2Replica] = []
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: H2Replica(table_size, served),
+                                      "127.0.0.1", 0)
+    try:
+        yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}", served
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("table_size", [0, 200, 4096])
+async def test_replica_decodes_every_request_block_while_the_table_churns(
+        table_size: int) -> None:
+    async with h2_replica(table_size) as (address, served), \
+            running_gateway([address]) as gw:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway_port(gw)}") as channel:
+            echo = channel.unary_unary(ECHO)
+            for i in range(120):
+                # Repeating fields (indexed), one new per call (added, evicting old ones
+                # from a small table), a deadline (never indexed), a credential.
+                metadata = (("x-fixed", "same every call"), ("x-new", f"value {i}"),
+                            ("x-cycle", f"c{i % 7}" * (i % 5 + 1)),
+                            ("authorization", "Bearer secret"), ("x-fixed", "second"))
+                reply = await echo(b"", metadata=metadata, timeout=10, wait_for_ready=True)
+                got = [line.split(b"=", 1) for line in reply.split(b"\n")]
+                sent = [(k.encode(), v.encode()) for k, v in metadata]
+                for key in {k for k, _ in sent}:  # grpcio groups repeated keys
+                    assert [p[1] for p in got if p[0] == key] == [v for k, v in sent
+                                                                  if k == key]
+                assert any(p[0] == b"grpc-timeout" for p in got)
+    # The gateway's encoder shrank its table to what the replica allows, and told it so.
+    relayed = [c for c in served if c.echoed]
+    assert sum(c.echoed for c in relayed) == 120
+    tables = [c.conn.decoder.header_table for c in relayed]
+    assert all(t.maxsize <= table_size for t in tables)
+    if table_size == 4096:
+        # Repeated fields went in; the deadline and the credential never did.
+        entries = [(bytes(n), bytes(v)) for t in tables for n, v in t.dynamic_entries]
+        assert (b"x-fixed", b"same every call") in entries
+        assert not any(n in (b"grpc-timeout", b"authorization") for n, _ in entries)

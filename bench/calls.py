@@ -30,7 +30,10 @@ gateway, direct, ...), each leg-round in a fresh client process (this script wit
 grpc.aio channel (one HTTP/2 connection) to the leg; per call, `--warmup` calls, then `--calls`
 calls by 64 concurrent callers on that channel (calls/s; the proxy's CPU per call from /proc),
 then `--latency-calls` sequential calls by one caller (p50, p99). Medians over the rounds; ratios
-against direct and gateway/haproxy; SUMMARY lines; --json FILE.
+against direct and gateway/haproxy; SUMMARY lines; --json FILE. Then one more client process
+measures one caller's latency interleaved: a channel per leg, each step one call on every leg in
+rotating order, and the added latency of a leg is the median over the steps of (its time -
+direct's time in the same step), so drift in the machine's load weighs on all legs alike.
 
 Idle mode (`--idle N --inflight M`): sink + gateway only (its --max-connections and
 --max-connections-per-client raised to fit). The gateway's RSS (VmRSS) and one caller's p50/p99 of
@@ -223,6 +226,61 @@ async def worker(args: argparse.Namespace) -> int:
     return 0
 
 
+async def interleaved_worker(args: argparse.Namespace) -> int:
+    """One caller, one channel per leg: each step makes the same call once on every leg, the
+    legs' order rotating from step to step, so whatever else the machine does at a moment
+    weighs on all legs alike. Per leg and call: p50 of its own times, and the median over the
+    steps of (its time - direct's time in the same step): the latency it adds."""
+    import grpc
+
+    options = [("grpc.enable_http_proxy", 0), ("grpc.primary_user_agent", "bench-calls")]
+    ports = dict(item.split("=", 1) for item in args.ports.split(","))
+    legs = [leg for leg in LEG_ORDER if leg in ports]
+    out: dict[str, Any] = {}
+    async with contextlib.AsyncExitStack() as stack:
+        channels = {}
+        for leg in legs:
+            channels[leg] = await stack.enter_async_context(
+                grpc.aio.insecure_channel(f"127.0.0.1:{ports[leg]}", options=options))
+            await asyncio.wait_for(channels[leg].channel_ready(), args.call_timeout)
+        for name in args.only:
+            path, request, _ = CALLS[name]
+            fns = {leg: channels[leg].unary_unary(path) for leg in legs}
+            for leg in legs:  # warm-up
+                for _ in range(min(args.warmup, 200)):
+                    await fns[leg](request, timeout=args.call_timeout)
+            times: dict[str, list[float]] = {leg: [] for leg in legs}
+            added: dict[str, list[float]] = {leg: [] for leg in legs if leg != "direct"}
+            errors = 0
+            for step in range(args.latency_calls):
+                k = step % len(legs)
+                took: dict[str, float] = {}
+                for leg in legs[k:] + legs[:k]:
+                    t0 = time.perf_counter_ns()
+                    try:
+                        reply = await fns[leg](request, timeout=args.call_timeout)
+                    except grpc.aio.AioRpcError:
+                        errors += 1
+                        continue
+                    t1 = time.perf_counter_ns()
+                    if _reply_ok(name, reply):
+                        took[leg] = (t1 - t0) / 1e6
+                    else:
+                        errors += 1
+                for leg, ms in took.items():
+                    times[leg].append(ms)
+                    if leg != "direct" and "direct" in took:
+                        added[leg].append(ms - took["direct"])
+            out[name] = {
+                "steps": args.latency_calls, "errors": errors,
+                "p50_ms": {leg: _pct(xs, 50) for leg, xs in times.items()},
+                "added_ms": {leg: statistics.median(xs) if xs else None
+                             for leg, xs in added.items()},
+            }
+    print("RESULT " + json.dumps(out), flush=True)
+    return 0
+
+
 _workers: set[asyncio.subprocess.Process] = set()
 
 
@@ -235,8 +293,10 @@ async def run_worker(
     latency_calls: int,
     proxy_pid: int | None = None,
     sink_pid: int | None = None,
+    ports: str = "",
 ) -> dict[str, Any]:
-    """One client process against one port; returns its per-call results (raises on failure)."""
+    """One client process against one port (or, with `ports`, the interleaved latency run
+    against every leg); returns its per-call results (raises on failure)."""
     argv = [
         sys.executable, "-u", str(Path(__file__).resolve()), "--worker",
         "--port", str(port), "--only", ",".join(only),
@@ -248,6 +308,8 @@ async def run_worker(
         argv += ["--proxy-pid", str(proxy_pid)]
     if sink_pid:
         argv += ["--sink-pid", str(sink_pid)]
+    if ports:
+        argv += ["--ports", ports]
     p = await asyncio.create_subprocess_exec(
         *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         preexec_fn=_child_setup,
@@ -490,7 +552,19 @@ async def calls_mode(args: argparse.Namespace, t_start: float) -> tuple[int, dic
                     for n, r in res.items()
                 ]
                 print(f"  round {rnd + 1} {lg.name:<8} " + ", ".join(parts), flush=True)
-        return report_calls(args, legs, procs, t_start)
+        interleaved: dict[str, Any] = {}
+        alive = [lg for lg in active if lg.runs and (lg.proc is None or lg.proc.alive())]
+        if (args.latency_calls and len(alive) > 1
+                and time.monotonic() - t_start <= args.deadline):
+            print(f"interleaved latency: one client process, one channel per leg, "
+                  f"{args.latency_calls} steps per call", flush=True)
+            try:
+                interleaved = await run_worker(
+                    args, 0, names, calls=0, latency_calls=args.latency_calls,
+                    ports=",".join(f"{lg.name}={lg.port}" for lg in alive))
+            except (UploadError, OSError) as e:
+                print(f"  interleaved latency FAILED: {e}", flush=True)
+        return report_calls(args, legs, procs, t_start, interleaved)
     finally:
         stop_all(procs)
         if args.keep_logs:
@@ -500,7 +574,8 @@ async def calls_mode(args: argparse.Namespace, t_start: float) -> tuple[int, dic
 
 
 def report_calls(
-    args: argparse.Namespace, legs: list[Leg], procs: list[Proc], t_start: float
+    args: argparse.Namespace, legs: list[Leg], procs: list[Proc], t_start: float,
+    interleaved: dict[str, Any],
 ) -> tuple[int, dict[str, Any]]:
     by = {lg.name: lg for lg in legs}
     summary: dict[str, Any] = {}
@@ -594,6 +669,18 @@ def report_calls(
         print(f"gateway log: {n_bad} warning/error line(s)"
               + "".join(f"\n    | {ln[:220]}" for ln in examples))
     summary["gateway_log_problems"] = {"count": n_bad, "examples": examples}
+    summary["interleaved"] = interleaved
+    if interleaved:
+        print(f"\nInterleaved latency, one caller ({args.latency_calls} steps per call, each "
+              "step one call per leg, order rotating): p50, and added = median over the steps "
+              "of (leg - direct in the same step)")
+        for name, r in interleaved.items():
+            cells = [f"{leg} p50 {fmt(r['p50_ms'].get(leg), '.3f')} ms"
+                     + (f" (added {fmt(_us(r['added_ms'].get(leg)), '+.0f')} us)"
+                        if leg in r["added_ms"] else "")
+                     for leg in LEG_ORDER if leg in r["p50_ms"]]
+            print(f"  {name:<13} " + ", ".join(cells)
+                  + (f"; {r['errors']} errors" if r.get("errors") else ""))
     print()
     for name in CALLS:
         what = CALLS[name][2]
@@ -611,10 +698,24 @@ def report_calls(
             f"{fmt(ratio(g_cps, h_cps), '.2f')} x haproxy); added p50 gateway "
             f"{fmt(None if g_add is None else g_add * 1000, '+.0f')} us, haproxy "
             f"{fmt(None if h_add is None else h_add * 1000, '+.0f')} us "
-            f"(gateway/haproxy {added_ratio})"
+            f"(gateway/haproxy {added_ratio})" + _interleaved_summary(interleaved.get(name))
         )
     ok = all(any(r for r in lg.runs) for lg in legs if lg.name in ("direct", "gateway"))
     return (0 if ok else 1), summary
+
+
+def _us(ms: float | None) -> float | None:
+    return None if ms is None else ms * 1000
+
+
+def _interleaved_summary(r: dict[str, Any] | None) -> str:
+    if not r:
+        return ""
+    g, h = r["added_ms"].get("gateway"), r["added_ms"].get("haproxy")
+    ratio = (fmt(g / h, ".1f") if g is not None and h is not None and h > 0
+             else "n/a" if h is not None and h <= 0 else "-")
+    return (f"; interleaved: added p50 gateway {fmt(_us(g), '+.0f')} us, haproxy "
+            f"{fmt(_us(h), '+.0f')} us (gateway/haproxy {ratio})")
 
 
 # ----------------------------------------------------------------------------------------
@@ -1041,6 +1142,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--only", default=",".join(CALLS), help=argparse.SUPPRESS)
     ap.add_argument("--proxy-pid", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--sink-pid", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--ports", default="", help=argparse.SUPPRESS)  # leg=port,...: interleaved
     args = ap.parse_args(argv)
     args.only = [x for x in args.only.split(",") if x]
     if set(args.only) - set(CALLS):
@@ -1063,7 +1165,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
-        return asyncio.run(worker(args))
+        return asyncio.run(interleaved_worker(args) if args.ports else worker(args))
     try:
         return asyncio.run(interruptible(args))
     except KeyboardInterrupt:

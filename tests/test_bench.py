@@ -98,6 +98,24 @@ async def test_work_sink_reports_the_hash_the_client_checks(tmp_path: Path) -> N
         await asyncio.wait_for(sink.wait(), 10)
 
 
+def test_calls_bench_interleaves_the_legs_for_latency(tmp_path: Path) -> None:
+    out = tmp_path / "calls.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "calls.py"), "--rounds", "1", "--calls", "40",
+         "--latency-calls", "20", "--warmup", "5", "--concurrency", "4",
+         "--legs", "direct,gateway", "--json", str(out), "--time-limit", "100"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    doc = json.loads(out.read_text())["result"]
+    for name in ("ListWorkers", "Content/Info"):
+        assert doc["gateway"]["calls"][name]["errors"] == 0
+        step = doc["interleaved"][name]
+        assert step["errors"] == 0 and set(step["p50_ms"]) == {"direct", "gateway"}
+        assert step["added_ms"]["gateway"] is not None
+    assert "interleaved: added p50 gateway" in result.stdout
+
+
 def test_relay_micro_runs() -> None:
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "relay_micro.py"), "--reads", "20"],

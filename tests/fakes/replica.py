@@ -13,7 +13,8 @@ Design
   'ok', a grpc code name, or 'cancelled'). Calls still running are visible through
   `inflight()`, `active_builds()`, `refs_seen()` and `sessions_seen()`.
 * `solve_delay` is simulated build time, not synchronisation; a Solve's FrontendAttrs
-  `fake-build-seconds` sets its own.
+  `fake-build-seconds` sets its own. `hold`, an event, is the synchronisation: Solves end only
+  once it is set.
 """
 
 from __future__ import annotations
@@ -209,6 +210,9 @@ class FakeReplica:
         self.limits = limits
         self.server_options = tuple(server_options)  # extra grpc.aio server options
         self.solve_delay = solve_delay
+        # When set, a Solve also waits for this event after its delay: the test, not the
+        # clock, decides when running builds end.
+        self.hold: asyncio.Event | None = None
         self.address = ""
         self.records: list[CallRecord] = []
         self.sessions: dict[str, SessionState] = {}
@@ -513,6 +517,8 @@ class FakeReplica:
         delay = float(req.FrontendAttrs.get(BUILD_SECONDS, self.solve_delay))
         if delay:
             await asyncio.sleep(delay)  # simulated build time
+        if self.hold is not None:
+            await self.hold.wait()
         exporter = {"replica": self.name,
                     "uploaded": str(self.sessions[req.Session].bytes if req.Session else 0)}
         if shared:

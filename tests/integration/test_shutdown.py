@@ -18,8 +18,9 @@ from tests.integration.test_admission import QueueWatch
 async def test_stop_lets_running_builds_finish_and_refuses_queued_and_new_ones() -> None:
     async with running_replicas(2) as replicas, running_gateway(
             [r.address for r in replicas], "--max-builds", "3") as gw:
+        hold = asyncio.Event()  # the running builds end only once the stop has been seen
         for r in replicas:
-            r.solve_delay = 1.0
+            r.hold = hold
         watch = QueueWatch(gw)
         port = gateway_port(gw)
         conns = [await connect("grpc-go" if i % 2 else "grpcio", port) for i in range(7)]
@@ -29,6 +30,9 @@ async def test_stop_lets_running_builds_finish_and_refuses_queued_and_new_ones()
                 for i, t in enumerate(conns)]
             await watch.until(lambda: len(watch.admitted) == 6 and len(watch.enqueued) == 1)
             gw.stop.set()  # what SIGTERM does
+            assert gw.hub is not None
+            await watch.until(lambda: gw.hub.queued() == 0)  # type: ignore[union-attr]
+            hold.set()
             outs = await asyncio.gather(*builds)
             with pytest.raises(RpcError) as refused:
                 await connect("grpc-go", port)

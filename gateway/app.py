@@ -21,30 +21,35 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
 from gateway import __version__
 from gateway.admin import status
-from gateway.admin.server import AdminServer
 from gateway.builds.ledger import Ledger
 from gateway.config import ConfigError, Endpoint, Settings
 from gateway.control.answers import CachedCalls
 from gateway.control.channels import Channels
 from gateway.control.probe import Prober, ReplicaCache
 from gateway.control.server import ControlServer
-from gateway.discovery import kube as kubernetes
-from gateway.discovery.watch import PodWatch
 from gateway.metrics import Metrics
 from gateway.relay.client import ClientConn
 from gateway.relay.hub import Hub, Spawn
 from gateway.relay.tls import ListenerTls, replica_context
 from gateway.replicas.registry import Registry, Replica
 from gateway.scaling import shared
-from gateway.scaling.lease import Coordinator, own_identity
-from gateway.scaling.scaler import PoolScaler
 from gateway.scaling.shared import Demand
+
+if TYPE_CHECKING:
+    # Imported where used, only when configured (start-up memory, bench/README.md): the
+    # Kubernetes client (kubernetes_asyncio and its generated models, about 40 MiB) with a
+    # Kubernetes pool, aiohttp (about 10 MiB) with --admin-listen.
+    from gateway.admin.server import AdminServer
+    from gateway.discovery import kube as kubernetes
+    from gateway.discovery.watch import PodWatch
+    from gateway.scaling.lease import Coordinator
+    from gateway.scaling.scaler import PoolScaler
 
 log = logging.getLogger("gateway")
 
@@ -95,6 +100,8 @@ class Gateway:
         settings = self.settings
         kube_pools = [p for p in settings.pools if p.kube is not None]
         if kube_pools:
+            from gateway.discovery import kube as kubernetes
+
             try:
                 self.kube = await kubernetes.connect(settings.kube, self.metrics)
             except Exception as exc:  # the client's own ConfigException and file errors
@@ -142,6 +149,8 @@ class Gateway:
                 if not self.registry.snapshot.replicas:
                     log.warning("no replicas configured; builds will wait until some are added")
                 if settings.admin.listen is not None:
+                    from gateway.admin.server import AdminServer
+
                     self.admin = AdminServer(hub, self.prometheus, version=__version__,
                                              extra=self._status)
                     await self.admin.start(*settings.admin.listen)
@@ -170,8 +179,12 @@ class Gateway:
     async def _discover(self, spawn: Spawn) -> None:
         """Starts a pod watch per discovered pool; waits a little for their first lists."""
         kube = self.kube
+        if kube is None:
+            return
+        from gateway.discovery.watch import PodWatch
+
         for pool in self.settings.pools:
-            if pool.kube is None or kube is None:
+            if pool.kube is None:
                 continue
             watch = PodWatch(pool=pool.name, workload=pool.kube, kube=kube,
                              registry=self.registry, settings=self.settings.kube,
@@ -193,6 +206,9 @@ class Gateway:
                       if p.scaling is not None and p.kube is not None]
         if not autoscaled or kube is None:
             return
+        from gateway.scaling.lease import Coordinator, own_identity
+        from gateway.scaling.scaler import PoolScaler
+
         names = [name for name, _, _ in autoscaled]
         coordinator = Coordinator(
             kube=kube, settings=self.settings.kube,

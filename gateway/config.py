@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 ENV_PREFIX = "BUILDKIT_GATEWAY_"
 MIN_STREAM_WINDOW = (16 << 20) + 5  # BuildKit's largest message plus its gRPC prefix
 
@@ -583,6 +581,8 @@ def _read_yaml(path: str) -> Mapping[str, Any]:
         raise ConfigError(f"config file {path} is not UTF-8 text: {exc}") from exc
     except ValueError as exc:  # a NUL in the path
         raise ConfigError(f"cannot read config file {path!r}: {exc}") from exc
+    import yaml  # only with a config file: PyYAML is about 1 MiB of the process's memory
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -7,10 +7,15 @@ ledger holding running builds; nothing is sent anywhere. Prints, in one run:
   (two choices), with --max-builds 16 and running builds placed through the hub itself with
   Zipf keys beforehand (96 at 10 replicas, 300 at 100 and 1,000), so loads, full replicas and
   spills are realistic. The state does not change while picks are timed.
-- ring: HashRing at 1,000 replicas (160,000 points): a full build with every node's points
-  hashed (cold) and memoized (warm), one node added (its points not memoized yet) or removed
-  (`with_nodes`), and the hub's first pick after one replica turns unready, then ready again
-  (registry change: ring update and pick).
+- ring: HashRing at 1,000 replicas (160,000 points): a full build in one go with every node's
+  points hashed (cold) and memoized (warm), one node added (its points not memoized yet) or
+  removed (`with_nodes`), and one replica turning unready, then ready again, with the hub's
+  first pick after it (registry change, ring update, pick). Then the hub making its ring in
+  steps (HashRing.steps_to, one per loop turn) at 1,000 replicas, the event loop running: the
+  longest time the loop is blocked in one go (the registry change with the first step, or a
+  loop turn: a heartbeat task times its turns), the turns and the time until the ring is made,
+  for the first ring (1,000 replicas turn ready, cold and warm), 300 leaving and coming back
+  (more than a quarter: full builds) and 100 leaving (splices in batches); 3 runs each.
 - zipf: builds ending and starting in a steady state (each step ends a random running build and
   places one) with Zipf(s=1.1) keys over 50 keys per replica, sticky with the default
   --load-factor and no slot limit. After each placement: peak load / average load. The bound
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import functools
 import itertools
 import math
 import random
@@ -60,18 +66,37 @@ def replica_ids(n: int) -> list[str]:
     return [f"buildkitd-{i:04d}.buildkitd.builders.svc:1234" for i in range(n)]
 
 
-def make_hub(n: int, *, policy: str, max_builds: int, seed: int) -> Hub:
-    """A hub over `n` ready replicas of one pool; needs a running event loop."""
+def replicas(ids: list[str], ready: Callable[[str], bool]) -> list[Replica]:
+    return [Replica(r, "tcp://127.0.0.1:9", ready=ready(r), reason="") for r in ids]
+
+
+def new_hub(registry: Registry, *, policy: str, max_builds: int, seed: int) -> Hub:
+    """A hub over `registry`'s replicas, all of one pool; needs a running event loop."""
     settings = config.load(["--replica", "tcp://127.0.0.1:9"], {})
     pool = replace(settings.pools[0], loadbalance=policy, max_builds=max_builds)
-    registry = Registry(Replica(r, "tcp://127.0.0.1:9", ready=True, reason="")
-                        for r in replica_ids(n))
     return Hub(relay=settings.relay, routing=settings.routing, pools=(pool,),
                registry=registry, ledger=Ledger(),
                control=config.Endpoint("unix", path="/nonexistent"),
                spawn=lambda coro, name: coro.close(),
                metrics=Metrics(CollectorRegistry(), version="bench"),
                eject=lambda replica, reason: None, rng=random.Random(seed))
+
+
+async def ring_made(hub: Hub) -> int:
+    """Lets the loop turn until the hub has made its ring (one step per turn): the turns."""
+    turns = 0
+    while hub.pools[POOL].ring_steps is not None:
+        await asyncio.sleep(0)
+        turns += 1
+    return turns
+
+
+async def make_hub(n: int, *, policy: str, max_builds: int, seed: int) -> Hub:
+    """A hub over `n` ready replicas of one pool, its ring made; needs a running event loop."""
+    hub = new_hub(Registry(replicas(replica_ids(n), lambda r: True)), policy=policy,
+                  max_builds=max_builds, seed=seed)
+    await ring_made(hub)
+    return hub
 
 
 class Zipf:
@@ -119,14 +144,14 @@ def time_picks(hub: Hub, keys: list[str], *, seconds: float) -> float:
                                          queued=True), seconds=seconds)
 
 
-def bench_picks(budget: float, seed: int) -> None:
+async def bench_picks(budget: float, seed: int) -> None:
     print(f"pick: us per Hub.pick, --max-builds {MAX_BUILDS}, running builds placed with "
           f"Zipf(s={ZIPF_S}) keys")
     for n in (10, 100, 1000):
         builds = min(300, n * MAX_BUILDS * 6 // 10)
         for policy in ("sticky", "random"):
             rng = random.Random(seed)
-            hub = make_hub(n, policy=policy, max_builds=MAX_BUILDS, seed=seed)
+            hub = await make_hub(n, policy=policy, max_builds=MAX_BUILDS, seed=seed)
             zipf = Zipf(50 * n, rng)
             for i in range(builds):
                 place(hub, zipf.key(), f"run-{i}")
@@ -136,12 +161,12 @@ def bench_picks(budget: float, seed: int) -> None:
                   f"running, peak {max(loads.values())} on one replica)")
 
 
-def bench_ring(budget: float, seed: int) -> None:
+async def bench_ring(budget: float, seed: int) -> None:
     nodes = replica_ids(1000)
     print("ring: 1,000 replicas x 160 points")
     cold = []
     for _ in range(3):
-        ring_module._vnode_bytes.cache_clear()
+        ring_module._memo.clear()
         start = time.perf_counter()
         HashRing(nodes)
         cold.append((time.perf_counter() - start) * 1e3)
@@ -154,32 +179,79 @@ def bench_ring(budget: float, seed: int) -> None:
     print(f"  one node added (with_nodes)          {added / 1e3:8.2f} ms")
     removed = per_call_us(lambda: ring.with_nodes(nodes[1:]), seconds=budget / 8)
     print(f"  one node removed (with_nodes)        {removed / 1e3:8.2f} ms")
-    bench_registry_change(nodes, budget, seed)
+    await bench_registry_change(nodes, budget, seed)
+    await bench_ring_steps(nodes, seed)
 
 
-def bench_registry_change(nodes: list[str], budget: float, seed: int) -> None:
-    hub = make_hub(len(nodes), policy="sticky", max_builds=MAX_BUILDS, seed=seed)
-    hub.pick(POOL, "ctx:/warm", internal=False, ref="r", queued=True)  # the first ring
+async def bench_registry_change(nodes: list[str], budget: float, seed: int) -> None:
+    hub = await make_hub(len(nodes), policy="sticky", max_builds=MAX_BUILDS, seed=seed)
     flips = itertools.cycle(nodes)
     times = []
     deadline = time.perf_counter() + budget / 4
     while time.perf_counter() < deadline or not times:
         replica = next(flips)
         for ready in (False, True):
-            hub.registry.update(replica, ready=ready)
             start = time.perf_counter()
+            hub.registry.update(replica, ready=ready)
             hub.pick(POOL, "ctx:/src/app", internal=False, ref="r", queued=True)
             times.append((time.perf_counter() - start) * 1e3)
-    print(f"  hub: first pick after a replica turns unready or ready "
-          f"{statistics.median(times):8.2f} ms  (median of {len(times)})")
+    print(f"  hub: a replica turns unready or ready, and the first pick "
+          f"{statistics.median(times):6.2f} ms  (median of {len(times)})")
 
 
-def bench_zipf(budget: float, seed: int) -> None:
+async def blocked(hub: Hub, change: Callable[[], None]) -> tuple[float, int, float]:
+    """Makes the registry `change` and lets the loop turn until the hub has made its ring,
+    picking once per turn: the longest the loop was blocked in one go (the change with the
+    ring's first step, or a turn as a heartbeat task sees it), the turns, the time to the
+    ring, in ms."""
+    start = time.perf_counter()
+    change()
+    longest = time.perf_counter() - start
+    turns = 0
+    while hub.pools[POOL].ring_steps is not None:
+        assert isinstance(hub.pick(POOL, f"ctx:/src/p{turns}", internal=False, ref="r",
+                                   queued=True), tuple)  # answered meanwhile
+        before = time.perf_counter()
+        await asyncio.sleep(0)
+        longest = max(longest, time.perf_counter() - before)
+        turns += 1
+    return longest * 1e3, turns, (time.perf_counter() - start) * 1e3
+
+
+async def bench_ring_steps(nodes: list[str], seed: int, *, runs: int = 3) -> None:
+    print("  hub making its ring in steps, loop running: longest block (worst run), turns, "
+          f"time to the ring; median of {runs} runs")
+    leaving = set(nodes[::10])
+    many = set(nodes[::10]) | set(nodes[1::10]) | set(nodes[2::10])
+    scenarios: list[tuple[str, bool, Callable[[str], bool], Callable[[str], bool]]] = [
+        ("first ring, points hashed (cold)", True, lambda r: False, lambda r: True),
+        ("first ring, points memoized (warm)", False, lambda r: False, lambda r: True),
+        ("300 of 1,000 leave (full build)", False, lambda r: True, lambda r: r not in many),
+        ("300 come back to 700 (full build)", False, lambda r: r not in many, lambda r: True),
+        ("100 of 1,000 leave (splices)", False, lambda r: True, lambda r: r not in leaving),
+    ]
+    for label, cold, before, after in scenarios:
+        results = []
+        for _ in range(runs):
+            hub = new_hub(Registry(replicas(nodes, before)), policy="sticky",
+                          max_builds=MAX_BUILDS, seed=seed)
+            await ring_made(hub)
+            if cold:
+                ring_module._memo.clear()
+            change = functools.partial(hub.registry.replace_all, replicas(nodes, after))
+            results.append(await blocked(hub, change))
+        longest, turns, total = (statistics.median(r[i] for r in results) for i in range(3))
+        worst = max(r[0] for r in results)
+        print(f"    {label:<36} {longest:6.2f} ms ({worst:5.2f})  {turns:4.0f} turns  "
+              f"{total:7.2f} ms")
+
+
+async def bench_zipf(budget: float, seed: int) -> None:
     c = config.load(["--replica", "tcp://127.0.0.1:9"], {}).pools[0].load_factor
     print(f"zipf: steady state, Zipf(s={ZIPF_S}) keys, sticky, c={c:g}, no slot limit")
     for n, average in ((10, 16), (100, 8), (1000, 4)):
         rng = random.Random(seed)
-        hub = make_hub(n, policy="sticky", max_builds=0, seed=seed)
+        hub = await make_hub(n, policy="sticky", max_builds=0, seed=seed)
         zipf = Zipf(50 * n, rng)
         running = [f"run-{i}" for i in range(n * average)]
         for ref in running:
@@ -219,9 +291,9 @@ async def main() -> None:
                     help="seconds for each timed section (pick, ring, zipf)")
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
-    bench_picks(args.budget, args.seed)
-    bench_ring(args.budget, args.seed)
-    bench_zipf(args.budget, args.seed)
+    await bench_picks(args.budget, args.seed)
+    await bench_ring(args.budget, args.seed)
+    await bench_zipf(args.budget, args.seed)
     bench_moved(args.seed)
 
 

@@ -3,11 +3,14 @@
 Design: connections call the hub for decisions that need the whole gateway's view: picking a
 replica (a pure function of the registry snapshot, the ledger's loads and the pool's slots),
 the upstream of a replica, the admission queue of a pool, and reports of builds and failures.
-Per pool the hub keeps the hash ring (updated only when the registry's version changes), the
-admission queue and the cached LLBBridge Pong. Everything runs on the event loop thread, so no
-locks. Admission work is collapsed: any number of signals (a build ended, a replica became
-ready, a build was queued) schedule one admission pass and one refresh of the positions shown
-to waiting clients.
+Per pool the hub keeps the hash ring, the admission queue and the cached LLBBridge Pong.
+Everything runs on the event loop thread, so no locks. Admission work is collapsed: any number
+of signals (a build ended, a replica became ready, a build was queued) schedule one admission
+pass and one refresh of the positions shown to waiting clients. Ring work is bounded: a change
+of a sticky pool's replicas starts making its ring at once, in steps of bounded work
+(HashRing.steps_to), the first right away (a few replicas changed take just that one), then one
+per loop turn; picks walk the last ring made meanwhile, and a change during the making is made
+next, from the ring made.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +44,7 @@ from gateway.routing import affinity
 from gateway.routing import pick as picking
 from gateway.routing.key import authority_name
 from gateway.routing.placement import WAIT, ConnectionPlacement, Pick, Placed
-from gateway.routing.ring import HashRing
+from gateway.routing.ring import HashRing, Steps
 
 if TYPE_CHECKING:
     from gateway.relay.client import ClientConn
@@ -60,9 +63,11 @@ class PoolState:
     placeable: tuple[str, ...] = ()
     members: frozenset[str] = frozenset()
     version: int = -1
-    # The hash ring over `members` as of `ring_version`: sticky picks bring it up to date.
+    # The hash ring over `members` as of `ring_version`, unless the next one is being made
+    # (`ring_steps`, one step per loop turn): then the last one made.
     ring: HashRing = field(default_factory=lambda: HashRing(()))
     ring_version: int = -1
+    ring_steps: Steps | None = None
     pong: bytes | None = None  # a replica's LLBBridge Ping answer (DATA bytes, gRPC framed)
 
 
@@ -129,6 +134,7 @@ class Hub:
         self.starting: dict[str, int] = {}  # pool -> replicas being started (the scaler's)
         self.on_demand: Callable[[str], None] = _ignore  # a pool's builds changed (scaler)
         registry.subscribe(self._registry_changed)
+        self._update_rings(registry.snapshot)
 
     def ready(self) -> bool:
         """Serving, not draining, and some replica takes builds (/readyz)."""
@@ -179,7 +185,7 @@ class Hub:
 
         `queued` is set by admission: a new build may not take a slot while builds of its pool
         wait (in fair order), a queued one may. A tenant at its --tenant-max-builds waits.
-        Candidates are the pool's placeable replicas (its ring) open to the build: not running
+        Candidates are the pool's placeable replicas open to the build: not running
         its Ref already and, unless internal, below --max-builds (routing/pick.py). Nothing
         here scans the pool: the open replicas' count and load are the ledger's running
         tallies, the sticky walk stops at the replica it takes, two choices draws at random.
@@ -210,19 +216,19 @@ class Hub:
                                          state.members, loads, exclude=exclude, limit=slots)
         if not count:
             return WAIT
-        if internal or key is None or state.settings.loadbalance == "random":
-            chosen = picking.two_choices(state.placeable, loads, self._rng, exclude=exclude,
-                                         limit=slots)
-            return WAIT if chosen is None else (chosen, picking.Outcome.RANDOM)
-        cap = picking.load_cap(load=load, count=count, c=state.settings.load_factor)
-        chosen_pair = picking.bounded(self._ring(state).walk(key), loads, cap=cap,
-                                      exclude=exclude, limit=slots)
-        if chosen_pair is None:
-            return WAIT
-        if self.affinity.capacity:
-            return self._remembered(state, key, chosen_pair, loads, cap=cap, exclude=exclude,
-                                    limit=slots)
-        return chosen_pair
+        if not internal and key is not None and state.settings.loadbalance != "random":
+            cap = picking.load_cap(load=load, count=count, c=state.settings.load_factor)
+            chosen_pair = picking.bounded(self._walk(state, key), loads, cap=cap,
+                                          exclude=exclude, limit=slots)
+            if chosen_pair is not None:
+                if self.affinity.capacity:
+                    return self._remembered(state, key, chosen_pair, loads, cap=cap,
+                                            exclude=exclude, limit=slots)
+                return chosen_pair
+            # none: the last ring made lacks the open replicas while the next is made (_walk)
+        chosen = picking.two_choices(state.placeable, loads, self._rng, exclude=exclude,
+                                     limit=slots)
+        return WAIT if chosen is None else (chosen, picking.Outcome.RANDOM)
 
     def pick_other(self, pool: str) -> str | None:
         """`pick(pool, None, internal=True, ref="")`'s replica (a call outside any build), or
@@ -264,14 +270,48 @@ class Hub:
             state.placeable = placeable
             state.version = snap.version
 
+    def _walk(self, state: PoolState, key: str) -> Iterator[str]:
+        """The placeable replicas in the order of the pool's ring from `key`. While the ring
+        is being made, the last ring made's order, without the replicas that left the pool
+        (those that came are in none of it yet)."""
+        walk = self._ring(state).walk(key)
+        if state.ring_steps is None:
+            return walk
+        return (replica for replica in walk if replica in state.members)
+
+    def _update_rings(self, snapshot: Snapshot) -> None:
+        """Brings the sticky pools' replicas up to `snapshot` and starts making the ring of
+        those whose replicas changed, rather than at their next pick."""
+        for state in self.pools.values():
+            if state.settings.loadbalance != "random":
+                self._candidates(state, snapshot)
+                self._ring(state)
+
     def _ring(self, state: PoolState) -> HashRing:
-        """The pool's ring over its placeable replicas, built by the first sticky pick and
-        updated at the first one after a version change: an unchanged set keeps the ring, a
-        few replicas changed are spliced in (HashRing.with_nodes)."""
+        """The ring picks walk (_walk): the pool's ring over its placeable replicas, or the
+        last one made while that is being made. A version change starts making it unless
+        that is under way (then it is made next): an unchanged set keeps the ring, a few
+        replicas changed are spliced in, more take a full build (HashRing.steps_to)."""
         if state.ring_version != state.version:
-            state.ring = state.ring.with_nodes(state.members)
             state.ring_version = state.version
+            if state.ring_steps is None:
+                state.ring_steps = state.ring.steps_to(state.members)
+                self._ring_step(state)
         return state.ring
+
+    def _ring_step(self, state: PoolState) -> None:
+        """One step of making the pool's ring; the next at the next loop turn, until the ring
+        made is over the pool's replicas as they are now."""
+        assert state.ring_steps is not None
+        try:
+            next(state.ring_steps)
+        except StopIteration as made:
+            state.ring = made.value
+            if state.ring.members == state.members:
+                state.ring_steps = None
+                return
+            state.ring_steps = state.ring.steps_to(state.members)
+        self.loop.call_soon(self._ring_step, state)
 
     def locate(self, ref: str) -> str | None:
         """Where a Ref runs (if on exactly one replica) or ran."""
@@ -319,6 +359,7 @@ class Hub:
 
     def _registry_changed(self, snapshot: Snapshot) -> None:
         self.schedule_admission()
+        self._update_rings(snapshot)
 
     def _run_admission(self) -> None:
         from gateway.relay.conn import flush_dirty

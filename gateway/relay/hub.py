@@ -272,10 +272,10 @@ class Hub:
 
     def _walk(self, state: PoolState, key: str) -> Iterator[str]:
         """The placeable replicas in the order of the pool's ring from `key`. While the ring
-        is being made, the last ring made's order, without the replicas that left the pool
-        (those that came are in none of it yet)."""
+        is being made (or after a step failed), the last ring made's order, without the
+        replicas that left the pool (those that came are in none of it yet)."""
         walk = self._ring(state).walk(key)
-        if state.ring_steps is None:
+        if state.ring_steps is None and state.ring_version == state.version:
             return walk
         return (replica for replica in walk if replica in state.members)
 
@@ -301,7 +301,10 @@ class Hub:
 
     def _ring_step(self, state: PoolState) -> None:
         """One step of making the pool's ring; the next at the next loop turn, until the ring
-        made is over the pool's replicas as they are now."""
+        made is over the pool's replicas as they are now. A step that fails (a bug) is logged
+        and the making dropped, to be started again at the next pick: picks go on meanwhile
+        (from the last ring made, or two choices), and nothing escapes into a pick or a
+        registry listener."""
         assert state.ring_steps is not None
         try:
             next(state.ring_steps)
@@ -311,6 +314,11 @@ class Hub:
                 state.ring_steps = None
                 return
             state.ring_steps = state.ring.steps_to(state.members)
+        except Exception:
+            log.exception("ring step failed", extra={"pool": state.settings.name})
+            state.ring_steps = None
+            state.ring_version = -1
+            return
         self.loop.call_soon(self._ring_step, state)
 
     def locate(self, ref: str) -> str | None:

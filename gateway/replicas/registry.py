@@ -5,8 +5,8 @@ assignment; discovery, health checking and the scaler are the only writers, each
 fields: discovery owns membership, `address`, `pod_ready`, `terminating` and `victim`
 (`sync_pool`); the prober owns `ready`, `ejected` and `reason`; the scaler owns `draining` and
 `leaving`. Every
-change bumps `version` and calls the listeners once, so caches keyed by the version (the hash
-ring) rebuild lazily.
+change bumps `version` and calls the listeners once; what is derived from the replicas is
+brought up to the new version by its owner (the hub makes a pool's hash ring in bounded steps).
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ that a later node may take, no owner refers to a hole, and no walk shows a slot.
 Making a ring: `HashRing(nodes)` is a full build; `with_nodes` derives the ring of a changed
 node set from this one: the same set gives this very ring, up to a quarter of the new set
 changed (added plus removed) is spliced in (each changed node's points bisected into place, the
-arrays copied around them in slices, a memcpy each), more is a full build. A full build cuts
+arrays copied around them in slices, a memcpy each) when that is estimated cheaper than a full
+build, more is a full build. A full build cuts
 the ring into arcs of at most about ARC_POINTS points by the points' top bits, sorts each arc
 on its own (a stable sort of points taken in name order: equal points stay in name order) and
 appends it. Every path gives the same arrays (the unit tests compare them).
@@ -24,7 +25,8 @@ so that an event loop runs in between (relay/hub.py): a full build yields betwee
 into their arcs and between arcs sorted, a splice between batches of nodes. Work is counted in
 the estimated costs below (ns per point, fitted at 1,000 nodes; bench/picks.py measures the
 real steps). A step ends once it has spent its budget, so it overshoots it by at most one unit:
-one node's points or one arc; a splice batch is sized to fit (one node at least).
+one node's points or one arc; a splice batch is sized to fit (one node at least, with the copy
+of the whole arrays that every batch makes).
 
 Cost: a node's points depend only on its name and are memoized (the last MEMO_NODES nodes), so
 a build hashes only nodes it has not seen. A splice costs O(changed x vnodes x log points +
@@ -164,17 +166,31 @@ class HashRing:
         """The ring of `nodes`, as with_nodes, made in steps: yields each time it has spent
         `budget` (estimated ns), returns the ring. The same node set gives this very ring; up
         to a quarter of the new set changed (added plus removed) is spliced in, in batches that
-        fit the budget (leavers first, each batch a ring of its own); more is a full build."""
+        fit the budget (leavers first, each batch a ring of its own), unless that is estimated
+        to cost more than a full build (each batch copies the whole arrays: many batches over
+        thousands of nodes); otherwise a full build."""
         wanted = frozenset(nodes)
         if wanted == self._members:
             return self
         added = wanted - self._members
         removed = self._members - wanted
-        if len(added) + len(removed) > len(wanted) // 4:
+        vnodes = self._vnodes
+        copy = max(len(wanted), len(self._members)) * vnodes * COPY_NS
+        if len(added) + len(removed) <= len(wanted) // 4:
+            edits = sum(_cost(node, vnodes, SPLICE_NS) for node in (*added, *removed))
+            room = budget - copy
+            batches = (1 if room == math.inf
+                       else len(added) + len(removed) if room <= 0
+                       else min(math.ceil(edits / room), len(added) + len(removed)))
+            full = (sum(_cost(node, vnodes, SCAN_NS) for node in wanted)
+                    + len(wanted) * vnodes * SORT_NS)
+            splice = edits + batches * copy <= full
+        else:
+            splice = False
+        if not splice:
             ring = HashRing.__new__(HashRing)
-            yield from ring._build(wanted, vnodes=self._vnodes, budget=budget)
+            yield from ring._build(wanted, vnodes=vnodes, budget=budget)
             return ring
-        copy = max(len(wanted), len(self._members)) * self._vnodes * COPY_NS
         ring, spent = self, copy
         batch: list[str] = []
         for node in [*sorted(removed), *sorted(added)]:

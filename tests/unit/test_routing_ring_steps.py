@@ -12,7 +12,7 @@ import asyncio
 import math
 import random
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -52,6 +52,23 @@ def run(steps: Steps) -> tuple[HashRing, int]:
         except StopIteration as made:
             return made.value, yields
         yields += 1
+
+
+def test_a_splice_dearer_than_a_full_build_is_a_full_build() -> None:
+    # Every splice batch copies the whole arrays: with thousands of nodes and a tight budget
+    # each batch holds one node, and splicing 700 of 3,000 would take 700 steps where a full
+    # build takes fewer. The estimate picks the full build; the ring is the same.
+    nodes = [f"n{i:04d}" for i in range(3000)]
+    whole = HashRing(nodes, vnodes=4)  # every node's points memoized: no hashing below
+    before = HashRing(nodes[700:], vnodes=4)
+    budget = 30_000
+    made, yields = run(before.steps_to(nodes, budget=budget))
+    _, full_yields = run(HashRing((), vnodes=4).steps_to(nodes, budget=budget))
+    assert layout(made) == layout(whole)
+    assert yields == full_yields < 700
+    # Without a budget the same change is one splice (one copy of the arrays).
+    made, yields = run(before.steps_to(nodes, budget=math.inf))
+    assert layout(made) == layout(whole) and yields == 0
 
 
 def _spread_colliding_points(node: str, vnodes: int) -> bytes:
@@ -238,5 +255,31 @@ def test_the_hub_makes_rings_in_steps_and_answers_picks_meanwhile() -> None:
         assert state.ring_steps is None
         assert layout(state.ring) == layout(full)
         assert turns.turn() == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_failing_ring_step_is_logged_and_picks_go_on_with_members_only(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def scenario() -> None:
+        registry = Registry(replicas(lambda r: False))
+        hub, turns = make_hub(registry)
+        state = hub.pools["default"]
+        registry.replace_all(replicas(lambda r: True))
+        turn_until_made(hub, turns, lambda: None)
+        broken = state.ring
+
+        def fail(self: HashRing, nodes: object, **kw: object) -> Iterator[None]:
+            raise MemoryError("no room for the ring")
+            yield  # a generator, as steps_to
+
+        monkeypatch.setattr(HashRing, "steps_to", fail)
+        with caplog.at_level("ERROR", logger="gateway.relay"):
+            registry.update(REPLICAS[0], ready=False)  # the step raises in the listener
+        assert "ring step failed" in caplog.text
+        assert state.ring is broken and state.ring_steps is None
+        for key in KEYS:  # the stale ring, without the replica that left
+            replica, _ = pick(hub, key)
+            assert replica != REPLICAS[0] and replica in state.members
 
     asyncio.run(scenario())

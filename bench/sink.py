@@ -28,11 +28,23 @@ Served paths:
 With --work-dir DIR the sink also does buildkitd's per-message work on Session streams (`Work`):
 each whole message is copied out, sha256-hashed and written to a file in DIR.
 
+Downloads (`upload.py --direction download`): a Session whose request carries
+`x-bench-download: NAME` asks for the file NAME given with `--serve FILE` (gRPC-framed
+BytesMessages, indexed and hashed when the sink starts). The Session gets its response headers at
+once but no tunnel preface; once the Solve naming the session has arrived (before or after the
+Session), the sink streams the file's messages on the Session stream (`SinkConn._pump`: grpc-go
+loopy-writer rules, frames of at most 16384 bytes, never spanning two messages, cut to the
+client's stream and connection windows), then answers the Solve. After the client's END_STREAM
+the Session's trailers carry x-bench-bytes/-messages/-frames sent and x-bench-sha256 of the
+file's messages. Lean: the file is sent from memory; with --work-dir each message is read from the
+file with one pread() (tmpfs), as buildkitd's exporter reads the result's files.
+
 With --tls-cert FILE --tls-key FILE the sink serves TLS (Python's ssl under uvloop, as the
 gateway's listener does; TLS 1.2 or later; ALPN `h2` selected when offered, as buildkitd, a client
 offering none accepted): the replica end of `upload.py --tls`.
 
-Run standalone: `python bench/sink.py [--port 0] [--work-dir DIR] [--tls-cert FILE --tls-key FILE]`;
+Run standalone: `python bench/sink.py [--port 0] [--work-dir DIR] [--serve FILE ...]
+[--tls-cert FILE --tls-key FILE]`;
 prints `SINK READY <port>` on stdout.
 Any HPACK input is accepted (one hpack.Decoder per connection); PING is answered.
 """
@@ -224,6 +236,53 @@ class Work:
         os.lseek(self.fd, 0, os.SEEK_SET)
 
 
+class ServedFile:
+    """A file of gRPC-framed BytesMessages that the sink streams back on a download Session
+    (`--serve FILE`, named by the client's `x-bench-download` header): indexed and hashed at
+    startup, outside any timing. Lean ends send it from memory; work ends (`--work-dir`) read
+    each message from the file with one pread(), as buildkitd's exporter reads the result."""
+
+    def __init__(self, path: str, in_memory: bool) -> None:
+        self.name = os.path.basename(path)
+        with open(path, "rb") as f:
+            blob = f.read()
+        view = memoryview(blob)
+        h = hashlib.sha256()
+        ends: list[int] = []
+        pos = 0
+        while pos + 5 <= len(blob):
+            end = pos + 5 + U32.unpack_from(blob, pos + 1)[0]
+            h.update(view[pos + 5 : end])
+            ends.append(end)
+            pos = end
+        if pos != len(blob):
+            raise ValueError(f"{path}: not a sequence of gRPC messages")
+        self.msg_ends = ends
+        self.size = len(blob)
+        self.sha256 = h.hexdigest()  # of the message bodies, as the work client hashes them
+        self.view: memoryview | None = view if in_memory else None
+        self.fd: int | None = None if in_memory else os.open(path, os.O_RDONLY)
+
+
+class Download:
+    """One download in progress on a Session stream: the sender's place in the file."""
+
+    __slots__ = ("cur", "cur_start", "done", "file", "frames", "idx", "off", "solves", "st",
+                 "trailers_due")
+
+    def __init__(self, file: ServedFile, st: Stream) -> None:
+        self.file = file
+        self.st = st
+        self.off = 0
+        self.idx = 0
+        self.frames = 0
+        self.cur: memoryview | None = None  # work ends: the current message, read from the file
+        self.cur_start = 0
+        self.done = False
+        self.trailers_due = False  # the client half-closed before the last byte went out
+        self.solves: list[tuple[SinkConn, int]] = []  # answered when the last byte is out
+
+
 class SinkServer:
     """Server-wide state: finished sessions (id -> counters) and Solves waiting for them."""
 
@@ -240,6 +299,8 @@ class SinkServer:
         self.finished: dict[str, tuple[int, int, int]] = {}
         self.waiting: dict[str, list[tuple[SinkConn, int]]] = {}
         self.conns = 0
+        self.served: dict[str, ServedFile] = {}  # --serve: what download Sessions can ask for
+        self.download_sessions: dict[str, tuple[SinkConn, Stream]] = {}  # waiting for a Solve
 
     def session_done(self, sid_str: str, stats: tuple[int, int, int]) -> None:
         self.finished[sid_str] = stats
@@ -255,6 +316,7 @@ class Stream:
         "body",
         "cont",
         "data",
+        "download",
         "end_remote",
         "frames",
         "hblock",
@@ -277,6 +339,7 @@ class Stream:
         self.path = ""
         self.is_session = False
         self.sha: hashlib._Hash | None = None  # with --work-dir: sha256 of the messages
+        self.download: Download | None = None  # a download Session (x-bench-download)
         self.session_id = ""
         self.data = bytearray()
         self.body = bytearray()
@@ -293,78 +356,42 @@ class Stream:
         self.send_win = send_win
 
 
-class SinkConn(asyncio.Protocol):
-    def __init__(self, server: SinkServer) -> None:
-        self.server = server
-        self.steps = server.steps
-        self.t: asyncio.Transport | None = None
+class FrameReader(asyncio.Protocol):
+    """The receiving half shared by the sink and the benchmark's download client: frame parsing
+    that never copies DATA payloads (a DATA frame straddling two reads is not buffered, only its
+    remaining length is remembered), and grpc-go's receive flow control with BDP estimation.
+
+    Subclasses provide `streams` (objects with `frames`, `end_remote`, `recv_unacked`),
+    `_data_payload(st, data, start, end)`, `_frame(ftype, flags, sid, payload)` for every other
+    frame, and `_end_remote(st)`; control frames to send go to `out`.
+    """
+
+    streams: dict[int, Any]
+
+    def _init_reader(self, steps: tuple[int, ...], preface: bool) -> None:
+        self.steps = steps
         self.buf = bytearray()  # an incomplete non-DATA frame (or padded DATA frame)
-        self.preface_left = len(PREFACE)
+        self.preface_left = len(PREFACE) if preface else 0
         self.data_left = 0  # bytes of a straddling DATA frame's payload still to come
-        self.data_stream: Stream | None = None
-        self.streams: dict[int, Stream] = {}
+        self.data_stream: Any = None
         self.out: list[bytes] = []
-        self.dec = Decoder()
-        self.dec.max_header_list_size = 64 << 20
-        self.enc = Encoder()
-        self.peer_max_frame = 16384
-        self.peer_init_win = DEFAULT_WINDOW
-        self.conn_send_win = DEFAULT_WINDOW
-        self.pending: list[tuple[int, bytes, bool, list[tuple[str, str]] | None]] = []
         # receive side (grpc-go BDP emulation)
         self.step = 0
-        self.recv_limit = self.steps[0]  # current stream and connection limit
+        self.recv_limit = steps[0]  # current stream and connection limit
         self.conn_unacked = 0
         self.total = 0
-        self.next_raise = 2 * self.steps[0]
-        self.last_sid = 0
+        self.next_raise = 2 * steps[0]
         self.ping_seq = 0
-        self.tls = ""  # with TLS: "TLSv1.3 TLS_AES_256_GCM_SHA384 h2" (ALPN "-" if none)
 
-    # --- transport callbacks -------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.t = transport  # type: ignore[assignment]
-        self.server.conns += 1
-        obj = transport.get_extra_info("ssl_object")
-        if obj is not None:
-            cipher = obj.cipher()
-            alpn = obj.selected_alpn_protocol() or "-"
-            self.tls = f"{obj.version()} {cipher[0] if cipher else '?'} {alpn}"
-        self.t.write(
-            settings_frame(
-                [
-                    (S_MAX_FRAME_SIZE, 16384),
-                    (S_INITIAL_WINDOW_SIZE, self.steps[0]),
-                    (S_MAX_HEADER_LIST_SIZE, 16 << 20),
-                ]
-            )
-        )
-        if self.steps[0] > DEFAULT_WINDOW:  # the connection window always starts at 65535
-            self.t.write(window_update(0, self.steps[0] - DEFAULT_WINDOW))
+    def _data_payload(self, st: Any, data: bytes, start: int, end: int) -> None:
+        raise NotImplementedError
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.t = None
-        for waiters in self.server.waiting.values():
-            waiters[:] = [w for w in waiters if w[0] is not self]
+    def _frame(self, ftype: int, flags: int, sid: int, payload: bytes | bytearray) -> None:
+        raise NotImplementedError
 
-    def data_received(self, data: bytes) -> None:
-        try:
-            self._feed(data)
-        except Exception as e:  # a broken peer: say so and close, never hang
-            print(f"sink: connection error: {e!r}", file=sys.stderr, flush=True)
-            self.out.append(frame(GOAWAY, 0, 0, U32.pack(self.last_sid) + U32.pack(1)))
-            self._flush()
-            if self.t:
-                self.t.close()
-            return
-        self._flush()
+    def _end_remote(self, st: Any) -> None:
+        raise NotImplementedError
 
-    def _flush(self) -> None:
-        if self.out and self.t is not None:
-            self.t.write(b"".join(self.out))
-        self.out.clear()
-
-    # --- parsing ------------------------------------------------------------------------
     def _feed(self, data: bytes) -> None:
         n = len(data)
         pos = 0
@@ -448,6 +475,109 @@ class SinkConn(asyncio.Protocol):
             self._end_remote(st)
         return pos + flen
 
+    def _recv_credit(self, sid: int, flen: int) -> Any:
+        """Flow-control accounting for a DATA frame (grpc-go inFlow + BDP emulation)."""
+        self.conn_unacked += flen
+        self.total += flen
+        out = self.out
+        limit = self.recv_limit
+        if self.conn_unacked >= limit >> 2:
+            out.append(window_update(0, self.conn_unacked))
+            self.conn_unacked = 0
+        st = self.streams.get(sid)
+        if st is not None and not st.end_remote:
+            st.recv_unacked += flen
+            if st.recv_unacked >= limit >> 2:
+                out.append(window_update(sid, st.recv_unacked))
+                st.recv_unacked = 0
+        if self.total >= self.next_raise and self.step + 1 < len(self.steps):
+            self.step += 1
+            new = self.steps[self.step]
+            self.ping_seq += 1
+            out.append(frame(PING, 0, 0, struct.pack(">Q", self.ping_seq)))
+            out.append(window_update(0, new - limit))
+            out.append(settings_frame([(S_INITIAL_WINDOW_SIZE, new)]))
+            self.recv_limit = new
+            self.next_raise = self.total + 2 * new
+        return st
+
+
+class SinkConn(FrameReader):
+    def __init__(self, server: SinkServer) -> None:
+        self.server = server
+        self.t: asyncio.Transport | None = None
+        self._init_reader(server.steps, preface=True)
+        self.streams: dict[int, Stream] = {}
+        self.dec = Decoder()
+        self.dec.max_header_list_size = 64 << 20
+        self.enc = Encoder()
+        self.peer_max_frame = 16384
+        self.peer_init_win = DEFAULT_WINDOW
+        self.conn_send_win = DEFAULT_WINDOW
+        self.pending: list[tuple[int, bytes, bool, list[tuple[str, str]] | None]] = []
+        self.last_sid = 0
+        self.downloads: list[Download] = []  # started (their Solve arrived), not yet all sent
+        self.paused = False
+        self.tls = ""  # with TLS: "TLSv1.3 TLS_AES_256_GCM_SHA384 h2" (ALPN "-" if none)
+
+    # --- transport callbacks -------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t = transport  # type: ignore[assignment]
+        self.t.set_write_buffer_limits(high=1 << 20)  # as the benchmark's client
+        self.server.conns += 1
+        obj = transport.get_extra_info("ssl_object")
+        if obj is not None:
+            cipher = obj.cipher()
+            alpn = obj.selected_alpn_protocol() or "-"
+            self.tls = f"{obj.version()} {cipher[0] if cipher else '?'} {alpn}"
+        self.t.write(
+            settings_frame(
+                [
+                    (S_MAX_FRAME_SIZE, 16384),
+                    (S_INITIAL_WINDOW_SIZE, self.steps[0]),
+                    (S_MAX_HEADER_LIST_SIZE, 16 << 20),
+                ]
+            )
+        )
+        if self.steps[0] > DEFAULT_WINDOW:  # the connection window always starts at 65535
+            self.t.write(window_update(0, self.steps[0] - DEFAULT_WINDOW))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.t = None
+        self.downloads.clear()
+        for waiters in self.server.waiting.values():
+            waiters[:] = [w for w in waiters if w[0] is not self]
+        sessions = self.server.download_sessions
+        for key in [k for k, (conn, _) in sessions.items() if conn is self]:
+            del sessions[key]
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self._pump_downloads()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._feed(data)
+        except Exception as e:  # a broken peer: say so and close, never hang
+            print(f"sink: connection error: {e!r}", file=sys.stderr, flush=True)
+            self.out.append(frame(GOAWAY, 0, 0, U32.pack(self.last_sid) + U32.pack(1)))
+            self._flush()
+            if self.t:
+                self.t.close()
+            return
+        self._flush()
+        if self.downloads:  # WINDOW_UPDATE or SETTINGS may have opened the windows
+            self._pump_downloads()
+
+    def _flush(self) -> None:
+        if self.out and self.t is not None:
+            self.t.write(b"".join(self.out))
+        self.out.clear()
+
+    # --- parsing ------------------------------------------------------------------------
     def _data_payload(self, st: Stream, data: bytes, start: int, end: int) -> None:
         st.nbytes += end - start
         if not st.is_session:
@@ -474,32 +604,6 @@ class SinkConn(asyncio.Protocol):
                     st.msgs += 1
                     st.msg_left = U32.unpack_from(st.pfx, 1)[0]
                     st.pfx.clear()
-
-    def _recv_credit(self, sid: int, flen: int) -> Stream | None:
-        """Flow-control accounting for a DATA frame (grpc-go inFlow + BDP emulation)."""
-        self.conn_unacked += flen
-        self.total += flen
-        out = self.out
-        limit = self.recv_limit
-        if self.conn_unacked >= limit >> 2:
-            out.append(window_update(0, self.conn_unacked))
-            self.conn_unacked = 0
-        st = self.streams.get(sid)
-        if st is not None and not st.end_remote:
-            st.recv_unacked += flen
-            if st.recv_unacked >= limit >> 2:
-                out.append(window_update(sid, st.recv_unacked))
-                st.recv_unacked = 0
-        if self.total >= self.next_raise and self.step + 1 < len(self.steps):
-            self.step += 1
-            new = self.steps[self.step]
-            self.ping_seq += 1
-            out.append(frame(PING, 0, 0, struct.pack(">Q", self.ping_seq)))
-            out.append(window_update(0, new - limit))
-            out.append(settings_frame([(S_INITIAL_WINDOW_SIZE, new)]))
-            self.recv_limit = new
-            self.next_raise = self.total + 2 * new
-        return st
 
     def _frame(self, ftype: int, flags: int, sid: int, payload: bytes | bytearray) -> None:
         if ftype == HEADERS or ftype == CONT:
@@ -534,6 +638,9 @@ class SinkConn(asyncio.Protocol):
             self._send_pending()
         elif ftype == RST_STREAM:
             st = self.streams.pop(sid, None)
+            if st is not None and st.download is not None:
+                self.downloads = [d for d in self.downloads if d.st is not st]
+                self.server.download_sessions.pop(st.session_id, None)
             if st is not None and st.is_session and not st.end_remote:
                 st.end_remote = True
                 self._session_finished(st)
@@ -581,14 +688,22 @@ class SinkConn(asyncio.Protocol):
         if st.path == SESSION_PATH:
             st.is_session = True
             st.session_id = hd.get("x-docker-expose-session-uuid", "")
-            self._send_headers(sid, [(":status", "200"), ("content-type", "application/grpc")])
-            # the daemon's side of the inner h2c connection opens with a few bytes
-            self._send_data(sid, grpc_message(pb_bytes(1, b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")))
+            want = hd.get("x-bench-download")
+            if want is not None:
+                self._download_session(st, want)
+            else:
+                self._send_headers(sid, [(":status", "200"), ("content-type", "application/grpc")])
+                # the daemon's side of the inner h2c connection opens with a few bytes
+                self._send_data(
+                    sid, grpc_message(pb_bytes(1, b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"))
+                )
         if st.end_remote:
             self._end_remote(st)
 
     def _end_remote(self, st: Stream) -> None:
-        if st.is_session:
+        if st.download is not None:
+            self._download_trailers(st.download)
+        elif st.is_session:
             trailers = [
                 ("grpc-status", "0"),
                 ("x-bench-bytes", str(st.nbytes)),
@@ -618,7 +733,10 @@ class SinkConn(asyncio.Protocol):
                     session = v.decode() if isinstance(v, bytes) else ""
             except Exception as e:
                 print(f"sink: bad SolveRequest: {e!r}", file=sys.stderr, flush=True)
-            if not session or session in self.server.finished:
+            download = self.server.download_sessions.pop(session, None) if session else None
+            if download is not None:  # the Session asked for a download: it starts now
+                download[0].start_download(download[1], [(self, st.id)])
+            elif not session or session in self.server.finished:
                 self.reply_solve(st.id)
             else:
                 self.server.waiting.setdefault(session, []).append((self, st.id))
@@ -636,6 +754,133 @@ class SinkConn(asyncio.Protocol):
         work = self.server.work
         if work is not None:  # after the replies are flushed: freeing 200 MB takes a while
             asyncio.get_running_loop().call_soon(work.session_end)
+
+    # --- downloads (the exporter's result streamed back to the client on the Session) -------
+    def _download_session(self, st: Stream, want: str) -> None:
+        """A Session that asks for a download: headers now (no tunnel preface, so the stream
+        holds the download's messages only); the data once the Solve naming it arrives."""
+        served = self.server.served.get(want)
+        if served is None:
+            self._send_headers(
+                st.id,
+                [(":status", "200"), ("content-type", "application/grpc"), ("grpc-status", "5"),
+                 ("grpc-message", f"sink serves no file {want!r} (--serve)")],
+                end=True,
+            )
+            return
+        self._send_headers(st.id, [(":status", "200"), ("content-type", "application/grpc")])
+        st.download = Download(served, st)
+        solves = self.server.waiting.pop(st.session_id, None)
+        if solves:  # the Solve came first (the gateway holds a Session until its Solve)
+            self.start_download(st, solves)
+        else:
+            self.server.download_sessions[st.session_id] = (self, st)
+
+    def start_download(self, st: Stream, solves: list[tuple[SinkConn, int]]) -> None:
+        download = st.download
+        if download is None or st.id not in self.streams or self.t is None:
+            for conn, sid in solves:  # the Session is gone: nothing to wait for
+                conn.reply_solve(sid)
+            return
+        download.solves = solves
+        self.downloads.append(download)
+        self._pump_downloads()
+
+    def _pump_downloads(self) -> None:
+        if self.paused or self.t is None:
+            return
+        self._flush()  # response headers and control frames go before the DATA
+        for download in list(self.downloads):
+            self._pump(download)
+            if self.paused:
+                return
+
+    def _pump(self, dl: Download) -> None:
+        """Send as many DATA frames as the windows allow: grpc-go's loopy-writer rules, as the
+        benchmark's upload client (frames of at most 16384 bytes, never spanning two messages,
+        cut to the window left)."""
+        st = dl.st
+        assert self.t is not None
+        if self.streams.get(st.id) is not st:  # reset meanwhile
+            self.downloads.remove(dl)
+            return
+        f = dl.file
+        ends = f.msg_ends
+        total = f.size
+        view, fd = f.view, f.fd
+        off, idx, cur, cur_start = dl.off, dl.idx, dl.cur, dl.cur_start
+        maxf = min(16384, self.peer_max_frame)
+        pack = FRAME_HDR.pack
+        sid = st.id
+        swin, cwin = st.send_win, self.conn_send_win
+        parts: list[bytes | memoryview] = []
+        batch = frames = 0
+        while off < total:
+            win = swin if swin < cwin else cwin
+            if win <= 0:
+                break
+            end = ends[idx]
+            n = end - off
+            if n > maxf:
+                n = maxf
+            if n > win:
+                n = win
+            parts.append(pack(n >> 8, n & 0xFF, DATA, 0, sid))
+            if fd is None:
+                assert view is not None
+                parts.append(view[off : off + n])
+            else:
+                if cur is None or off >= cur_start + len(cur):
+                    cur_start = off
+                    cur = memoryview(os.pread(fd, end - off, off))
+                parts.append(cur[off - cur_start : off - cur_start + n])
+            off += n
+            swin -= n
+            cwin -= n
+            frames += 1
+            if off == end:
+                idx += 1
+            batch += n
+            if batch >= 262144:
+                self.t.writelines(parts)
+                parts = []
+                batch = 0
+                if self.paused:
+                    break
+        if parts:
+            self.t.writelines(parts)
+        st.send_win, self.conn_send_win = swin, cwin
+        dl.off, dl.idx, dl.cur, dl.cur_start = off, idx, cur, cur_start
+        dl.frames += frames
+        if off >= total:
+            dl.done = True
+            dl.cur = None
+            self.downloads.remove(dl)
+            for conn, solve_sid in dl.solves:  # the export is done: Solve returns
+                conn.reply_solve(solve_sid)
+            dl.solves = []
+            if dl.trailers_due:
+                self._download_trailers(dl)
+                self._flush()
+
+    def _download_trailers(self, dl: Download) -> None:
+        """After the client's END_STREAM (its CloseSend once it has everything): what was sent,
+        and the sha256 of the file's messages, which the work client checks against its own."""
+        st = dl.st
+        if not dl.done:
+            dl.trailers_due = True
+            return
+        trailers = [
+            ("grpc-status", "0"),
+            ("x-bench-bytes", str(dl.off)),
+            ("x-bench-messages", str(dl.idx)),
+            ("x-bench-frames", str(dl.frames)),
+            ("x-bench-sha256", dl.file.sha256),
+        ]
+        if self.tls:
+            trailers.append(("x-bench-tls", self.tls))
+        self._send_headers(st.id, trailers, end=True)
+        self.server.session_done(st.session_id, (dl.off, dl.idx, dl.frames))
 
     def reply_solve(self, sid: int) -> None:
         if sid not in self.streams:
@@ -710,9 +955,13 @@ async def serve(
     verbose: bool = False,
     work_dir: str | None = None,
     tls: ssl.SSLContext | None = None,
+    serve_files: list[str] | None = None,
 ) -> None:
     loop = asyncio.get_running_loop()
     server = SinkServer(verbose=verbose, work=Work(work_dir) if work_dir else None)
+    for path in serve_files or []:
+        served = ServedFile(path, in_memory=work_dir is None)
+        server.served[served.name] = served
     srv = await loop.create_server(lambda: SinkConn(server), host, port, backlog=128, ssl=tls)
     sock = srv.sockets[0]
     print(f"SINK READY {sock.getsockname()[1]}", flush=True)
@@ -732,6 +981,14 @@ def main() -> None:
         "--work-dir",
         help="do buildkitd's per-message work: copy, sha256 and write each message to a file here",
     )
+    ap.add_argument(
+        "--serve",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a file of gRPC-framed messages a download Session may ask for by its base name "
+        "(x-bench-download); repeatable. Sent from memory, or with --work-dir read per message",
+    )
     ap.add_argument("--tls-cert", help="serve TLS with this PEM certificate (chain)")
     ap.add_argument("--tls-key", help="PEM private key of --tls-cert")
     args = ap.parse_args()
@@ -740,7 +997,7 @@ def main() -> None:
     if sys.platform.startswith("linux"):
         _die_with_parent()
     tls = tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None
-    main_coro = serve(args.host, args.port, args.verbose, args.work_dir, tls)
+    main_coro = serve(args.host, args.port, args.verbose, args.work_dir, tls, args.serve)
     try:
         import uvloop
     except ImportError:

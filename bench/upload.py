@@ -1,4 +1,4 @@
-"""Session-tunnel upload benchmark: direct vs HAProxy `mode tcp` vs buildkit-gateway, one run.
+"""Session-tunnel upload and download benchmark: direct vs HAProxy `mode tcp` vs buildkit-gateway.
 
 What one upload is (see bench/README.md): a frame-level client that behaves like grpc-go/buildctl
 connects, waits for the server's SETTINGS, opens `Control/Session` (session headers) and
@@ -9,9 +9,18 @@ frame is cut to the window left), half-closes, and waits for the Solve response 
 there) and the Session trailers. The sink (bench/sink.py, a separate process) emulates
 buildkitd's windows (64 KB raised in steps to 682 KB) and reports what it received.
 
+What one download is (--direction download): the same connection, Session (asking for the result
+with `x-bench-download`) and Solve, but the sink streams SIZE MB back on the Session stream once
+the Solve arrives, as buildkitd's local/tar exporter sends a build's result to buildctl; the
+client's receive windows grow as grpc-go's do (BDP), the sink sends as grpc-go's loopy writer.
+The Solve returns when the last byte is out; the client then half-closes the Session and the
+sink's trailers (counters, sha256) end it: the timer stops there. --direction upload,download
+(the default) measures both, each with every kind of ends, on the same processes.
+
 The whole run is done once per kind of ends (--ends lean,work): lean ends only move bytes; work
-ends also do buildctl's and buildkitd's I/O per message (the client reads each message from a
-file; the sink copies, sha256-hashes and writes it to a file), see bench/README.md.
+ends also do buildctl's and buildkitd's I/O per message (upload: the client reads each message
+from a file; the sink copies, sha256-hashes and writes it to a file; download: the other way
+round), see bench/README.md.
 
 With --tls every leg is the TLS variant, measured against TLS direct in the same run: the sink
 serves TLS (ALPN h2), the client offers ALPN h2 as buildctl does and verifies the certificates
@@ -25,7 +34,8 @@ threads and descendants, /proc/PID/task/*/schedstat) before and after each uploa
 
   .venv/bin/python bench/upload.py [--size-mb 200] [--repeats 9] [--legs direct,haproxy,gateway]
       [--gateway-cmd 'CMD ...'] [--haproxy PATH] [--msg-sizes 24000,4000,2500] [--timeout 30]
-      [--ready-timeout 15] [--deadline 200] [--ends lean,work] [--tls] [--json FILE] [--keep-logs]
+      [--ready-timeout 15] [--deadline 200] [--ends lean,work] [--direction upload,download]
+      [--tls] [--json FILE] [--keep-logs]
 """
 
 # ruff: noqa: ASYNC221, ASYNC240
@@ -79,7 +89,9 @@ from sink import (
     SETTINGS,
     SOLVE_PATH,
     U32,
+    WINDOW_STEPS,
     WINDOW_UPDATE,
+    FrameReader,
     apply_settings,
     frame,
     grpc_message,
@@ -139,11 +151,24 @@ class Payload:
         self.view = memoryview(self.blob)
         self.fd: int | None = None  # set by to_file(): each message is read from the file
         self.sha256: str | None = None
+        self.path: Path | None = None  # set by write(): the file a download asks the sink for
         self.msg_ends = ends
         self.data_bytes = size
         self.wire_bytes = total
         self.messages = len(ends)
 
+    def write(self, path: Path) -> None:
+        """Write the payload to `path`, which the sink serves for downloads (`--serve`), and
+        compute the sha256 of its messages (what the work ends check)."""
+        path.write_bytes(self.blob)
+        self.path = path
+        if self.sha256 is None:
+            h = hashlib.sha256()
+            start = 0
+            for end in self.msg_ends:
+                h.update(self.view[start + 5 : end])
+                start = end
+            self.sha256 = h.hexdigest()
 
     def to_file(self, path: Path) -> None:
         """Read messages from a file from now on, as buildctl reads the context's files.
@@ -153,15 +178,8 @@ class Payload:
         cache, as a context that was just written is). The protocol work buildctl adds inside
         the tunnel (a second HTTP/2 + gRPC layer) is not emulated.
         """
-        path.write_bytes(self.blob)
+        self.write(path)  # also the sha256 the work sink must report
         self.fd = os.open(path, os.O_RDONLY)
-        if self.sha256 is None:  # what the work sink must report: sha256 of the messages
-            h = hashlib.sha256()
-            start = 0
-            for end in self.msg_ends:
-                h.update(self.view[start + 5 : end])
-                start = end
-            self.sha256 = h.hexdigest()
 
     def close_file(self) -> None:
         """Back to sending from memory."""
@@ -182,7 +200,7 @@ class UploadError(Exception):
 class UploadResult:
     seconds: float
     frames: int  # DATA frames with payload sent on the Session stream
-    window_waits: int  # times the sender stopped for window
+    window_waits: int | None  # times the sender stopped for window (uploads only)
     sink_bytes: int | None
     sink_messages: int | None
     sink_frames: int | None
@@ -501,6 +519,300 @@ class UploadClient(asyncio.Protocol):
             self.t.writelines(parts)
 
 
+class OutputWork:
+    """What buildctl does with each message of a downloaded result, done for real (work ends).
+
+    buildctl's receiving end of the local/tar exporter (session/filesync -> fsutil.Receive, or
+    the tar writer) gets every file's bytes in messages that grpc-go assembled in their own
+    buffers, and writes them to disk. Here each whole gRPC message is copied out of the read
+    buffers, sha256-hashed (checked against the sink's x-bench-sha256: every byte is compared)
+    and written to a file (tmpfs; emptied after each download, outside the timing).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.fd = os.open(directory / "download.bin", os.O_WRONLY | os.O_CREAT, 0o600)
+
+    def message(self, sha: Any, body: bytearray) -> None:
+        sha.update(body)
+        view = memoryview(body)
+        while view:
+            view = view[os.write(self.fd, view) :]
+
+    def reset(self) -> None:
+        os.ftruncate(self.fd, 0)
+        os.lseek(self.fd, 0, os.SEEK_SET)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class _DlStream:
+    __slots__ = ("body", "end_remote", "ended", "frames", "hblock", "headers", "id", "msg_left",
+                 "msgs", "nbytes", "pfx", "recv_unacked", "send_win", "trailers")
+
+    def __init__(self, sid: int, win: int) -> None:
+        self.id = sid
+        self.send_win = win
+        self.headers: list[tuple[str, str]] | None = None
+        self.trailers: list[tuple[str, str]] | None = None
+        self.hblock = bytearray()
+        self.end_remote = False  # END_STREAM seen (credit no longer returned)
+        self.ended = False  # the call is over: status checked
+        self.frames = 0
+        self.nbytes = 0
+        self.msgs = 0
+        self.msg_left = 0
+        self.pfx = bytearray()
+        self.body = bytearray()
+        self.recv_unacked = 0
+
+
+class DownloadClient(FrameReader):
+    """One grpc-go-like client connection receiving a build result: Session + Solve, then the
+    sink streams the payload back on the Session stream.
+
+    Receiving side as grpc-go's client with BDP estimation (the sink's own receive code:
+    window 65535 raised in steps by SETTINGS and WINDOW_UPDATE, credit returned once a quarter
+    of the window is unacknowledged). Lean ends only count the bytes and track message
+    boundaries; work ends copy, sha256 and write each whole message (`OutputWork`). Once the
+    Solve has returned and every byte is in, the client half-closes the Session (CloseSend)
+    and the sink sends its trailers: the timer stops there.
+    """
+
+    SESSION_SID = 1
+    SOLVE_SID = 3
+
+    def __init__(
+        self,
+        payload: Payload,
+        authority: str,
+        session_id: str,
+        ref: str,
+        scheme: str = "http",
+        work: OutputWork | None = None,
+    ) -> None:
+        self._init_reader(WINDOW_STEPS, preface=False)
+        assert payload.path is not None, "the payload must be written where the sink serves it"
+        self.served_name = payload.path.name
+        self.expected = payload.wire_bytes
+        self.scheme = scheme
+        self.authority = authority
+        self.session_id = session_id
+        self.ref = ref
+        self.work = work
+        self.sha = hashlib.sha256() if work is not None else None
+        loop = asyncio.get_running_loop()
+        self.t: asyncio.Transport | None = None
+        self.settings_seen = loop.create_future()
+        self.done = loop.create_future()
+        self.done_at: float | None = None
+        self.dec = Decoder()
+        self.dec.max_header_list_size = 64 << 20
+        self.enc = Encoder()
+        self.peer_init_win = 65535
+        self.peer_max_frame = 16384
+        self.conn_win = 65535
+        self.streams = {
+            self.SESSION_SID: _DlStream(self.SESSION_SID, 65535),
+            self.SOLVE_SID: _DlStream(self.SOLVE_SID, 65535),
+        }
+        self.closed_send = False
+
+    # --- transport callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t = transport  # type: ignore[assignment]
+        self.t.write(
+            PREFACE + settings_frame([(S_ENABLE_PUSH, 0), (S_MAX_HEADER_LIST_SIZE, 16 << 20)])
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(UploadError(f"connection lost: {exc or 'closed by peer'}"))
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._feed(data)
+        except UploadError as e:
+            self._fail(e)
+        except Exception as e:
+            self._fail(UploadError(f"client protocol error: {e!r}"))
+        if self.out and self.t is not None:
+            self.t.write(b"".join(self.out))
+        self.out.clear()
+
+    def _fail(self, exc: Exception) -> None:
+        for fut in (self.done, self.settings_seen):
+            if not fut.done():
+                fut.set_exception(exc)
+            if not fut.cancelled():
+                fut.exception()  # mark retrieved if nobody awaits it
+
+    # --- receiving
+    def _data_payload(self, st: _DlStream, data: bytes, start: int, end: int) -> None:
+        st.nbytes += end - start
+        if st.id != self.SESSION_SID:
+            return  # the Solve response: an empty message
+        work, sha = self.work, self.sha
+        while start < end:
+            if st.msg_left:
+                k = min(st.msg_left, end - start)
+                st.msg_left -= k
+                if work is not None:
+                    st.body += memoryview(data)[start : start + k]
+                    if not st.msg_left:
+                        work.message(sha, st.body)
+                        st.body = bytearray()
+                start += k
+            else:
+                take = min(5 - len(st.pfx), end - start)
+                st.pfx += data[start : start + take]
+                start += take
+                if len(st.pfx) == 5:
+                    st.msgs += 1
+                    st.msg_left = U32.unpack_from(st.pfx, 1)[0]
+                    st.pfx.clear()
+                    if not st.msg_left and work is not None:
+                        work.message(sha, st.body)
+        if st.nbytes >= self.expected:
+            self._close_send()
+
+    def _end_remote(self, st: _DlStream) -> None:
+        self._stream_ended(st)
+
+    def _frame(self, ftype: int, flags: int, sid: int, payload: bytes | bytearray) -> None:
+        out = self.out
+        if ftype == SETTINGS:
+            if flags & ACK:
+                return
+            apply_settings(self, payload)
+            out.append(frame(SETTINGS, ACK, 0))
+            if not self.settings_seen.done():
+                self.settings_seen.set_result(None)
+        elif ftype == WINDOW_UPDATE:
+            inc = U32.unpack_from(payload)[0] & 0x7FFFFFFF
+            if sid == 0:
+                self.conn_win += inc
+            elif sid in self.streams:
+                self.streams[sid].send_win += inc
+        elif ftype == PING:
+            if not flags & ACK:
+                out.append(frame(PING, ACK, 0, bytes(payload)))
+        elif ftype == DATA:  # padded DATA (the fast path takes the others)
+            st = self._recv_credit(sid, len(payload))
+            if st is not None:
+                body = payload[1 : len(payload) - payload[0]] if flags & PADDED else payload
+                st.frames += 1 if body else 0
+                self._data_payload(st, bytes(body), 0, len(body))
+                if flags & END_STREAM:
+                    st.end_remote = True
+                    self._stream_ended(st)
+        elif ftype == HEADERS or ftype == CONT:
+            st = self.streams.get(sid)
+            if st is None:
+                raise UploadError(f"HEADERS on unknown stream {sid}")
+            if ftype == HEADERS:
+                off, end = 0, len(payload)
+                if flags & PADDED:
+                    off, end = 1, end - payload[0]
+                if flags & PRIORITY_FLAG:
+                    off += 5
+                st.hblock = bytearray(payload[off:end])
+                if flags & END_STREAM:
+                    st.end_remote = True  # applied once the block is complete
+            else:
+                st.hblock += payload
+            if flags & END_HEADERS:
+                hdrs = [(str(k), str(v)) for k, v in self.dec.decode(bytes(st.hblock))]
+                st.hblock = bytearray()
+                if st.headers is None and not any(k == "grpc-status" for k, _ in hdrs):
+                    st.headers = hdrs
+                else:
+                    st.trailers = hdrs
+                if st.end_remote:
+                    self._stream_ended(st)
+        elif ftype == RST_STREAM:
+            code = U32.unpack_from(payload)[0]
+            raise UploadError(f"stream {sid} reset by peer (error code {code})")
+        elif ftype == GOAWAY:
+            last, code = U32.unpack_from(payload)[0] & 0x7FFFFFFF, U32.unpack_from(payload, 4)[0]
+            msg = bytes(payload[8:]).decode(errors="replace")
+            if code != 0 or last < self.SOLVE_SID:
+                raise UploadError(f"GOAWAY last={last} code={code} {msg!r}")
+
+    def _stream_ended(self, st: _DlStream) -> None:
+        if st.ended:
+            return
+        st.ended = True
+        trailers = dict(st.trailers or st.headers or [])
+        status = trailers.get("grpc-status")
+        if status != "0":
+            raise UploadError(
+                f"stream {st.id} ({'Session' if st.id == 1 else 'Solve'}) ended with grpc-status "
+                f"{status} {trailers.get('grpc-message', '')!r}"
+            )
+        self._close_send()
+        if all(s.ended for s in self.streams.values()) and not self.done.done():
+            self.done_at = time.perf_counter()
+            self.done.set_result(None)
+
+    def _close_send(self) -> None:
+        """buildctl closes its Session once the Solve has returned; here also only once every
+        byte is in, so that the sink's trailers (the timer's end) come after the last byte."""
+        session = self.streams[self.SESSION_SID]
+        if (self.closed_send or not self.streams[self.SOLVE_SID].ended
+                or session.nbytes < self.expected or session.ended):
+            return
+        self.closed_send = True
+        self.out.append(frame(DATA, END_STREAM, self.SESSION_SID))
+
+    # --- sending
+    def start(self) -> None:
+        """Both HEADERS at once (Session first, asking for the download), then the Solve
+        request."""
+        common = [
+            (":authority", self.authority),
+            ("content-type", "application/grpc"),
+            ("user-agent", "grpc-go/1.66.3"),
+            ("te", "trailers"),
+        ]
+        session_hdrs = [
+            (":method", "POST"),
+            (":scheme", self.scheme),
+            (":path", SESSION_PATH),
+            *common,
+            ("x-docker-expose-session-uuid", self.session_id),
+            ("x-docker-expose-session-sharedkey", SHARED_KEY),
+            ("x-docker-expose-session-grpc-method", "/moby.filesync.v1.FileSend/DiffCopy"),
+            ("x-docker-expose-session-grpc-method", "/moby.filesync.v1.FileSync/DiffCopy"),
+            ("x-docker-expose-session-grpc-method", "/grpc.health.v1.Health/Check"),
+            ("x-bench-download", self.served_name),
+        ]
+        solve_hdrs = [(":method", "POST"), (":scheme", self.scheme), (":path", SOLVE_PATH), *common]
+        solve_req = grpc_message(
+            pb_bytes(1, self.ref.encode()) + pb_bytes(5, self.session_id.encode())
+        )
+        st = self.streams[self.SOLVE_SID]
+        if len(solve_req) > min(st.send_win, self.conn_win):
+            raise UploadError("no window for the Solve request")
+        st.send_win -= len(solve_req)
+        self.conn_win -= len(solve_req)
+        assert self.t is not None
+        self.t.write(
+            _headers_frames(self.enc, self.peer_max_frame, self.SESSION_SID, session_hdrs)
+            + _headers_frames(self.enc, self.peer_max_frame, self.SOLVE_SID, solve_hdrs)
+            + frame(DATA, END_STREAM, self.SOLVE_SID, solve_req)
+        )
+
+
+def _headers_frames(enc: Encoder, mf: int, sid: int, hdrs: list[tuple[str, str]]) -> bytes:
+    block = enc.encode(hdrs)
+    parts = [frame(HEADERS, 0 if len(block) > mf else END_HEADERS, sid, block[:mf])]
+    rest = block[mf:]
+    while rest:
+        chunk, rest = rest[:mf], rest[mf:]
+        parts.append(frame(CONT, 0 if rest else END_HEADERS, sid, chunk))
+    return b"".join(parts)
+
+
 def tls_summary(transport: asyncio.BaseTransport) -> str:
     """What a TLS connection negotiated: "TLSv1.3 TLS_AES_256_GCM_SHA384 h2"; raises unless the
     server selected ALPN h2, which buildctl (grpc-go) requires."""
@@ -579,6 +891,89 @@ async def upload_once(
     sha = tr.get("x-bench-sha256")
     if payload.fd is not None and sha != payload.sha256:
         raise UploadError(f"sink's sha256 of the messages is {sha}, sent {payload.sha256}")
+    return res
+
+
+async def download_once(
+    port: int,
+    payload: Payload,
+    timeout: float,
+    tls: ssl.SSLContext | None = None,
+    server_name: str | None = None,
+    work: OutputWork | None = None,
+) -> UploadResult:
+    """One download of `payload` (written where the sink serves it, `Payload.write`): the
+    timer runs from connect to the last byte and the Session trailers. With `work` (work ends)
+    every message is copied, hashed and written, and the hash must match the sink's."""
+    loop = asyncio.get_running_loop()
+    session_id, ref = random_id(), random_id()
+    scheme = "https" if tls is not None else "http"
+    t0 = time.perf_counter()
+    transport = None
+    negotiated = None
+    try:
+        async with asyncio.timeout(timeout):
+            transport, client = await loop.create_connection(
+                lambda: DownloadClient(payload, f"127.0.0.1:{port}", session_id, ref, scheme,
+                                       work),
+                "127.0.0.1",
+                port,
+                ssl=tls,
+                server_hostname=server_name if tls is not None else None,
+            )
+            if tls is not None:
+                negotiated = tls_summary(transport)
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await client.settings_seen  # grpc-go waits for the server preface
+            client.start()
+            await client.done
+    except TimeoutError:
+        raise UploadError(f"download did not finish within {timeout:.0f} s") from None
+    finally:
+        if transport is not None:
+            transport.close()
+        if work is not None:
+            work.reset()  # after the timer: the file only ever holds the current download
+    assert client.done_at is not None
+    session = client.streams[DownloadClient.SESSION_SID]
+    tr = dict(session.trailers or [])
+
+    def num(k: str) -> int | None:
+        v = tr.get(k)
+        return int(v) if v and v.isdigit() else None
+
+    res = UploadResult(
+        seconds=client.done_at - t0,
+        frames=session.frames,
+        window_waits=None,
+        sink_bytes=num("x-bench-bytes"),
+        sink_messages=num("x-bench-messages"),
+        sink_frames=num("x-bench-frames"),
+        wire_bytes=payload.wire_bytes,
+        tls=negotiated,
+        sink_tls=tr.get("x-bench-tls"),
+    )
+    if session.nbytes != payload.wire_bytes or session.msgs != payload.messages:
+        raise UploadError(
+            f"received {session.nbytes} bytes in {session.msgs} messages, expected "
+            f"{payload.wire_bytes} in {payload.messages}"
+        )
+    if res.sink_bytes != payload.wire_bytes or res.sink_messages != payload.messages:
+        raise UploadError(
+            f"sink sent {res.sink_bytes} bytes in {res.sink_messages} messages, expected "
+            f"{payload.wire_bytes} in {payload.messages}"
+        )
+    if tls is not None and not (res.sink_tls or "").endswith(" h2"):
+        raise UploadError(f"the connection into the sink negotiated {res.sink_tls!r}, not ALPN h2")
+    if client.sha is not None:
+        got, sent = client.sha.hexdigest(), tr.get("x-bench-sha256")
+        if got != sent or got != payload.sha256:
+            raise UploadError(
+                f"sha256 of the messages received is {got}, the sink sent {sent} "
+                f"(payload {payload.sha256})"
+            )
     return res
 
 
@@ -821,6 +1216,7 @@ class Leg:
     port: int = 0
     proc: Proc | None = None
     skipped: str | None = None
+    start_skipped: str | None = None  # why the leg could not start (every direction)
     note: str = ""
     runs: list[dict[str, float | int | str | None]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -988,15 +1384,25 @@ async def start_gateway(
 
 
 async def run_upload(
-    leg: Leg, payload: Payload, sink: Proc, timeout: float, tls: BenchTls | None = None
+    leg: Leg,
+    payload: Payload,
+    sink: Proc,
+    timeout: float,
+    tls: BenchTls | None = None,
+    direction: str = "upload",
+    output: OutputWork | None = None,
 ) -> dict[str, float | int | str | None]:
+    """One timed upload, or download (`direction`; `output`: the work client's file), with the
+    CPU the proxy, the sink and this client used meanwhile."""
     proxy_pid = leg.proc.pid if leg.proc else None
     c0 = cpu_seconds(proxy_pid) if proxy_pid else (0.0, 0.0)
     s0 = cpu_seconds(sink.pid)
     own0 = time.process_time()
-    res = await upload_once(
-        leg.port, payload, timeout, tls.client if tls is not None else None, leg.tls_name
-    )
+    client_tls = tls.client if tls is not None else None
+    if direction == "download":
+        res = await download_once(leg.port, payload, timeout, client_tls, leg.tls_name, output)
+    else:
+        res = await upload_once(leg.port, payload, timeout, client_tls, leg.tls_name)
     own1 = time.process_time()
     s1 = cpu_seconds(sink.pid)
     c1 = cpu_seconds(proxy_pid) if proxy_pid else (0.0, 0.0)
@@ -1027,15 +1433,18 @@ def fmt(x: float | None, spec: str) -> str:
 
 
 def report(
-    legs: list[Leg], payload: Payload, args: argparse.Namespace, ends: str
+    legs: list[Leg], payload: Payload, args: argparse.Namespace, ends: str,
+    direction: str = "upload",
 ) -> dict[str, object]:
     direct = next((lg for lg in legs if lg.name == "direct" and lg.runs), None)
     d_med = median([float(r["seconds"]) for r in direct.runs]) if direct else None
     label = f"{ends} ends, TLS" if args.tls else f"{ends} ends"
+    if direction != "upload":  # upload lines stay as they were before downloads existed
+        label += f", {direction}"
     base = "TLS direct" if args.tls else "direct"  # what every ratio of this run is against
     print()
     print(
-        f"Session upload {args.size_mb} MB: {payload.messages} BytesMessages "
+        f"Session {direction} {args.size_mb} MB: {payload.messages} BytesMessages "
         f"(sizes {','.join(map(str, args.msg_sizes))} cycled), {payload.wire_bytes} bytes on the "
         f"stream; median of {args.repeats} interleaved runs per leg; {label}"
     )
@@ -1063,13 +1472,14 @@ def report(
         frames = median([float(r["frames"]) for r in lg.runs])
         sfr = [float(r["sink_frames"]) for r in lg.runs if r["sink_frames"] is not None]
         per_frame = (pmed / frames * 1e6) if pmed is not None and frames else None
-        waits = median([float(r["window_waits"]) for r in lg.runs])
+        wl = [float(r["window_waits"]) for r in lg.runs if r["window_waits"] is not None]
+        waits = median(wl) if wl else None
         scpu = median([float(r["sink_cpu"]) for r in lg.runs])
         ccpu = median([float(r["client_cpu"]) for r in lg.runs])
         print(
             f"{lg.name:<9} {med:>7.3f} {f'({min(secs):.3f}-{max(secs):.3f})':>13} "
             f"{fmt(ratio, '.2f'):>11} {fmt(pmed, '.2f'):>11} {fmt(per_frame, '.1f'):>9} "
-            f"{frames:>7.0f} {fmt(median(sfr) if sfr else None, '.0f'):>8} {waits:>6.0f} "
+            f"{frames:>7.0f} {fmt(median(sfr) if sfr else None, '.0f'):>8} {fmt(waits, '.0f'):>6} "
             f"{scpu:>8.2f} {ccpu:>10.2f}"
         )
         if lg.errors:
@@ -1096,12 +1506,22 @@ def report(
             print(f"{lg.name}: TLS client side {negotiated}, sink side {lg.runs[-1]['sink_tls']}")
         if lg.note:
             print(f"{lg.name}: {lg.note}")
+    if direction == "download":
+        frames_text = (
+            "us/frame = proxy CPU / DATA frames the client received on the Session stream.\n"
+            "frames = DATA frames received by the client, sink frm = sent by the sink "
+            "(x-bench-frames), waits: uploads only."
+        )
+    else:
+        frames_text = (
+            "us/frame = proxy CPU / DATA frames the client sent on the Session stream.\n"
+            "frames = DATA frames sent by the client, sink frm = received by the sink, waits = "
+            "times the client stopped for flow-control window."
+        )
     print(
         "direct/path = median direct time / median time through that path (1.00 = free, "
         "higher is better).\nproxy CPU = on-CPU time of the proxy process, all threads "
-        "(/proc/PID/task/*/schedstat), per upload, median; us/frame = proxy CPU / DATA frames the "
-        "client sent on the Session stream.\nframes = DATA frames sent by the client, sink frm = "
-        "received by the sink, waits = times the client stopped for flow-control window."
+        f"(/proc/PID/task/*/schedstat), per {direction}, median; {frames_text}"
     )
     print()
     for name in ("haproxy", "gateway", "gateway-base"):
@@ -1115,7 +1535,7 @@ def report(
             f"SUMMARY {name} [{label}]: direct/path {fmt(sm['ratio_direct_over_path'], '.2f')} "
             f"(per-round median {fmt(sm['ratio_paired_median'], '.2f')}), "
             f"{sm['median_s']:.3f} s ({base} {fmt(d_med, '.3f')} s), proxy CPU "
-            f"{fmt(sm['proxy_cpu_s'], '.3f')} s per upload, "
+            f"{fmt(sm['proxy_cpu_s'], '.3f')} s per {direction}, "
             f"{fmt(sm['proxy_cpu_us_per_frame'], '.1f')} us per DATA frame"
         )
     cur, old = summary.get("gateway"), summary.get("gateway-base")
@@ -1133,6 +1553,10 @@ ENDS = {
     "work": "client and sink also do buildctl's and buildkitd's I/O per message "
     "(read a file; copy, sha256 and write a file)",
 }
+DIRECTIONS = {
+    "upload": "a build context, client -> sink (buildctl -> buildkitd)",
+    "download": "a build result, sink -> client (buildkitd's local/tar exporter -> buildctl)",
+}
 TLS_LEGS = (
     "; every leg TLS: client -> TLS sink, client -> haproxy tcp (TLS passed through) -> TLS sink, "
     "client -> gateway TLS listener -> TLS sink; ratios against TLS direct"
@@ -1144,26 +1568,29 @@ async def amain(args: argparse.Namespace) -> int:
     size = int(args.size_mb * (1 << 20))
     print(f"building {args.size_mb} MB payload ...", flush=True)
     payload = Payload(size, tuple(args.msg_sizes))
-    results: dict[str, object] = {}
+    results: dict[str, dict[str, object]] = {d: {} for d in args.directions}
     rc = 0
     for ends in args.ends:
         tls = ", TLS" if args.tls else ""
         print(f"\n=== {ends} ends{tls}: {ENDS[ends]}{TLS_LEGS if args.tls else ''} ===", flush=True)
-        code, results[ends] = await run_ends(args, ends, payload, t_start)
-        rc = max(rc, code)  # 0 only if every kind of ends had a leg that worked
+        code, by_direction = await run_ends(args, ends, payload, t_start)
+        for direction, summary in by_direction.items():
+            results[direction][ends] = summary
+        rc = max(rc, code)  # 0 only if every kind of ends had a leg that worked, both ways
     if args.json:
+        doc: dict[str, object] = {
+            "size_mb": args.size_mb,
+            "messages": payload.messages,
+            "tls": args.tls,
+            "directions": args.directions,
+        }
+        # uploads under "ends" as before downloads existed; downloads under "download"
+        if "upload" in results:
+            doc["ends"] = results["upload"]
+        if "download" in results:
+            doc["download"] = results["download"]
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "size_mb": args.size_mb,
-                    "messages": payload.messages,
-                    "tls": args.tls,
-                    "ends": results,
-                },
-                indent=2,
-            )
-        )
+        Path(args.json).write_text(json.dumps(doc, indent=2))
     return rc
 
 
@@ -1171,7 +1598,8 @@ def _work_dir(size: int) -> str | None:
     """Where the work ends keep their files: tmpfs if it has room, else the default temp dir.
 
     tmpfs keeps disk writeback, which is no proxy's doing, out of the timings. The payload file,
-    the warm-up file and the sink's file of the current upload must fit: about 2.1 x the size.
+    the warm-up file and the sink's file of the current upload (or the client's file of the
+    current download) must fit: about 2.1 x the size.
     """
     shm = "/dev/shm"
     if os.path.isdir(shm) and shutil.disk_usage(shm).free > 2.5 * size:
@@ -1182,24 +1610,37 @@ def _work_dir(size: int) -> str | None:
 async def run_ends(
     args: argparse.Namespace, ends: str, payload: Payload, t_start: float
 ) -> tuple[int, dict[str, object]]:
-    """Every leg with one kind of ends (fresh sink and proxies); returns (rc, summary)."""
+    """Every leg with one kind of ends (fresh sink and proxies), each direction in turn;
+    returns (rc, {direction: summary})."""
     size = payload.data_bytes
     tmp = Path(tempfile.mkdtemp(prefix="bench-upload-"))
     procs: list[Proc] = []
     legs = [Leg(n) for n in args.legs]
     sink_argv = [sys.executable, str(BENCH_DIR / "sink.py"), "--port", "0"]
     work: Path | None = None
+    output: OutputWork | None = None
     warm = Payload(min(size, 8 << 20), tuple(args.msg_sizes))
     tls: BenchTls | None = None
+    downloads = "download" in args.directions
     try:
         if args.tls:
             tls = BenchTls.make(tmp / "tls")
             sink_argv += ["--tls-cert", str(tls.sink_cert), "--tls-key", str(tls.sink_key)]
-        if ends == "work":
+        if ends == "work" or downloads:
             work = Path(tempfile.mkdtemp(prefix="bench-upload-work-", dir=_work_dir(size)))
+        if ends == "work":
+            assert work is not None
             payload.to_file(work / "context.bin")
             warm.to_file(work / "warm.bin")
             sink_argv += ["--work-dir", str(work)]
+            if downloads:
+                output = OutputWork(work)
+        elif downloads:  # the sink serves them from memory, loaded at its start
+            assert work is not None
+            payload.write(work / "context.bin")
+            warm.write(work / "warm.bin")
+        if downloads:
+            sink_argv += ["--serve", str(work / "context.bin"), "--serve", str(work / "warm.bin")]
         sink = Proc(
             "sink",
             sink_argv,
@@ -1208,7 +1649,7 @@ async def run_ends(
         )
         procs.append(sink)
         assert sink.p.stdout is not None
-        line = await asyncio.wait_for(asyncio.to_thread(sink.p.stdout.readline), 15)
+        line = await asyncio.wait_for(asyncio.to_thread(sink.p.stdout.readline), 30)
         if not line.startswith(b"SINK READY"):
             print(f"sink failed to start: {line!r}\n{sink.tail()}", file=sys.stderr)
             return 2, {}
@@ -1229,46 +1670,59 @@ async def run_ends(
                 await start_gateway(lg, args, tmp, sink_port, tls)
             if lg.proc:
                 procs.append(lg.proc)
-        # warm-up: one small upload per leg (also the gateway's go/no-go)
         for lg in legs:
-            if lg.skipped:
-                continue
-            try:
-                await run_upload(lg, warm, sink, min(args.timeout, 30), tls)
-            except (UploadError, OSError) as e:
-                tail = lg.proc.tail() if lg.proc else ""
-                lg.skipped = f"warm-up upload failed: {e}" + (f"\n{tail}" if tail else "")
-        active = [lg for lg in legs if not lg.skipped]
-        for rep in range(args.repeats):
-            order = active[rep % len(active) :] + active[: rep % len(active)] if active else []
-            for lg in order:
-                if time.monotonic() - t_start > args.deadline:
-                    lg.errors.append("global deadline reached")
+            lg.start_skipped = lg.skipped
+        summaries: dict[str, object] = {}
+        code = 0
+        for direction in args.directions:
+            for lg in legs:  # each direction starts afresh, with the same processes
+                lg.runs, lg.errors, lg.skipped = [], [], lg.start_skipped
+            print(f"\n--- {direction}: {DIRECTIONS[direction]} ---", flush=True)
+            # warm-up: one small transfer per leg (also the gateway's go/no-go)
+            for lg in legs:
+                if lg.skipped:
                     continue
-                if lg.proc and not lg.proc.alive():
-                    lg.errors.append(f"{lg.proc.name} exited ({lg.proc.p.returncode})")
-                    continue
-                if len(lg.errors) >= 2 and not lg.runs:
-                    continue  # failed twice, never worked: stop spending time on it
                 try:
-                    r = await run_upload(lg, payload, sink, args.timeout, tls)
-                    r["round"] = rep
-                    lg.runs.append(r)
-                    print(
-                        f"  run {rep + 1} {lg.name:<8} {float(r['seconds']):.3f} s"
-                        f"  proxy CPU {fmt(r['proxy_cpu'], '.2f')} s  frames {r['frames']}",
-                        flush=True,
+                    await run_upload(
+                        lg, warm, sink, min(args.timeout, 30), tls, direction, output
                     )
                 except (UploadError, OSError) as e:
-                    lg.errors.append(str(e))
-                    print(f"  run {rep + 1} {lg.name:<8} FAILED: {e}", flush=True)
-        print(
-            f"\npython {platform.python_version()}, {os.cpu_count()} CPUs, "
-            f"total {time.monotonic() - t_start:.0f} s"
-        )
-        summary = report(legs, payload, args, ends)
-        ok = any(lg.runs for lg in legs)
-        return (0 if ok else 1), summary
+                    tail = lg.proc.tail() if lg.proc else ""
+                    lg.skipped = f"warm-up {direction} failed: {e}" + (f"\n{tail}" if tail else "")
+            active = [lg for lg in legs if not lg.skipped]
+            for rep in range(args.repeats):
+                order = active[rep % len(active) :] + active[: rep % len(active)] if active else []
+                for lg in order:
+                    if time.monotonic() - t_start > args.deadline:
+                        lg.errors.append("global deadline reached")
+                        continue
+                    if lg.proc and not lg.proc.alive():
+                        lg.errors.append(f"{lg.proc.name} exited ({lg.proc.p.returncode})")
+                        continue
+                    if len(lg.errors) >= 2 and not lg.runs:
+                        continue  # failed twice, never worked: stop spending time on it
+                    try:
+                        r = await run_upload(
+                            lg, payload, sink, args.timeout, tls, direction, output
+                        )
+                        r["round"] = rep
+                        lg.runs.append(r)
+                        print(
+                            f"  run {rep + 1} {lg.name:<8} {float(r['seconds']):.3f} s"
+                            f"  proxy CPU {fmt(r['proxy_cpu'], '.2f')} s  frames {r['frames']}",
+                            flush=True,
+                        )
+                    except (UploadError, OSError) as e:
+                        lg.errors.append(str(e))
+                        print(f"  run {rep + 1} {lg.name:<8} FAILED: {e}", flush=True)
+            print(
+                f"\npython {platform.python_version()}, {os.cpu_count()} CPUs, "
+                f"total {time.monotonic() - t_start:.0f} s"
+            )
+            summaries[direction] = report(legs, payload, args, ends, direction)
+            if not any(lg.runs for lg in legs):
+                code = 1
+        return code, summaries
     finally:
         for p in reversed(procs):
             p.stop()
@@ -1276,6 +1730,8 @@ async def run_ends(
             print(f"logs kept in {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+        if output is not None:
+            output.close()
         if work is not None:
             payload.close_file()
             warm.close_file()
@@ -1319,6 +1775,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "reads each message from a file; the sink copies, sha256-hashes and writes it to a file)",
     )
     ap.add_argument(
+        "--direction",
+        default="upload,download",
+        help="comma list (default both), each measured with every kind of ends: upload = a "
+        "build context streamed client -> sink on the Session; download = a build result "
+        "streamed sink -> client on the Session once the Solve arrives",
+    )
+    ap.add_argument(
         "--tls",
         action="store_true",
         help="every leg over TLS, against TLS direct: the sink serves TLS (ALPN h2), the client "
@@ -1353,6 +1816,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.ends = list(dict.fromkeys(x.strip() for x in args.ends.split(",") if x.strip()))
     if not args.ends or set(args.ends) - set(ENDS):
         ap.error(f"--ends: a comma list of {', '.join(ENDS)}")
+    args.directions = list(
+        dict.fromkeys(x.strip() for x in args.direction.split(",") if x.strip())
+    )
+    if not args.directions or set(args.directions) - set(DIRECTIONS):
+        ap.error(f"--direction: a comma list of {', '.join(DIRECTIONS)}")
     args.msg_sizes = [int(x) for x in args.msg_sizes.split(",")]
     if any(s <= 0 or s > 16 << 20 for s in args.msg_sizes):
         ap.error("--msg-sizes must be between 1 and 16 MiB")

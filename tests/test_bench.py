@@ -98,6 +98,101 @@ async def test_work_sink_reports_the_hash_the_client_checks(tmp_path: Path) -> N
         await asyncio.wait_for(sink.wait(), 10)
 
 
+def test_downloads_through_the_gateway(tmp_path: Path) -> None:
+    # --direction download: the sink streams the result back on the Session once the Solve
+    # arrives; through the gateway that is a relayed Session + Solve to the replica.
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "upload.py"), "--direction", "download",
+         "--size-mb", "2", "--repeats", "2", "--legs", "direct,gateway", "--json", str(out),
+         "--deadline", "60"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(out.read_text())
+    assert report["directions"] == ["download"] and "ends" not in report
+    assert set(report["download"]) == {"lean", "work"}
+    for legs in report["download"].values():
+        for name in ("direct", "gateway"):
+            leg = legs[name]
+            assert "skipped" not in leg, leg
+            assert len(leg["runs"]) == 2 and not leg["errors"]
+            # the sink sent every byte (its trailers) and the client counted them all
+            assert all(r["sink_bytes"] == r["wire_bytes"] for r in leg["runs"])
+            assert all(r["frames"] == r["sink_frames"] for r in leg["runs"])
+    for ends in ("lean", "work"):
+        assert f"SUMMARY gateway [{ends} ends, download]: direct/path " in result.stdout
+    assert "SUMMARY gateway [work ends]:" not in result.stdout  # no upload was asked for
+
+
+async def _corrupting_proxy(sink_port: int) -> asyncio.Server:
+    """A TCP proxy that flips one byte in the first large DATA frame from the server: a path
+    that corrupts a download without changing its length."""
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                   corrupt: bool) -> None:
+        buf = bytearray()
+        flipped = not corrupt
+        try:
+            while data := await reader.read(1 << 16):
+                if flipped:
+                    writer.write(data)
+                    continue
+                buf += data
+                while len(buf) >= 9 and len(buf) >= 9 + int.from_bytes(buf[:3], "big"):
+                    n = int.from_bytes(buf[:3], "big")
+                    if buf[3] == 0 and n > 1000:  # DATA: a byte inside a message's data
+                        buf[9 + n // 2] ^= 0xFF
+                        flipped = True
+                        break
+                    writer.write(bytes(buf[: 9 + n]))
+                    del buf[: 9 + n]
+                if flipped:
+                    writer.write(bytes(buf))
+                    buf.clear()
+        finally:
+            writer.close()
+
+    async def handle(c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
+        s_reader, s_writer = await asyncio.open_connection("127.0.0.1", sink_port)
+        await asyncio.gather(pipe(c_reader, s_writer, False), pipe(s_reader, c_writer, True),
+                             return_exceptions=True)
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+async def test_a_corrupted_download_fails_the_sha256_check(tmp_path: Path) -> None:
+    payload = upload.Payload(1 << 20, (24000, 4000, 2500))
+    payload.write(tmp_path / "result.bin")
+    sink = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "bench" / "sink.py"), "--port", "0",
+        "--work-dir", str(tmp_path), "--serve", str(tmp_path / "result.bin"),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    output = upload.OutputWork(tmp_path)
+    try:
+        assert sink.stdout is not None
+        line = (await asyncio.wait_for(sink.stdout.readline(), 15)).decode()
+        assert line.startswith("SINK READY"), line
+        port = int(line.split()[2])
+        for _ in range(2):
+            result = await upload.download_once(port, payload, 10, work=output)
+            assert result.sink_messages == payload.messages
+        # The client's file holds at most the last download (emptied after each).
+        assert (tmp_path / "download.bin").stat().st_size == 0
+        proxy = await _corrupting_proxy(port)
+        try:
+            proxy_port = proxy.sockets[0].getsockname()[1]
+            with pytest.raises(upload.UploadError, match="sha256"):
+                await upload.download_once(proxy_port, payload, 10, work=output)
+        finally:
+            proxy.close()
+    finally:
+        output.close()
+        sink.terminate()
+        await asyncio.wait_for(sink.wait(), 10)
+
+
 def test_calls_bench_interleaves_the_legs_for_latency(tmp_path: Path) -> None:
     out = tmp_path / "calls.json"
     result = subprocess.run(

@@ -105,7 +105,7 @@ class Hub:
         self._spawn = spawn
         self.draining = False  # stopping: no new builds, /readyz false
         self.streams: dict[str, int] = {}  # call class -> open client streams
-        self._stream_counters: dict[str, Any] = {}  # call class -> its streams_opened child
+        self._opened = metrics.streams_opened  # call class -> client streams ever opened
         self._rng = rng or random.Random()
         # Per sticky key the replica that last ran it (routing/affinity.py), shared with the
         # other gateways by scaling/lease.py.
@@ -475,10 +475,8 @@ class Hub:
     def stream_opened(self, call: Call) -> None:
         klass = call.klass._value_  # not .value: an enum descriptor, slower
         self.streams[klass] = self.streams.get(klass, 0) + 1
-        counter = self._stream_counters.get(klass)
-        if counter is None:  # labels() costs a lock and a lookup: once per class
-            counter = self._stream_counters[klass] = self.metrics.streams.labels(klass)
-        counter.inc()
+        opened = self._opened
+        opened[klass] = opened.get(klass, 0) + 1
 
     def stream_closed(self, call: Call) -> None:
         self.streams[call.klass._value_] -= 1

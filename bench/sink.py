@@ -207,6 +207,96 @@ def _stays_open(path: str, request: bytes) -> bool:
     return not fields.get(3, [0])[0]
 
 
+def take_messages(st: Any, data: bytes, start: int, end: int, work: Any, key: Any) -> None:
+    """The gRPC message boundaries in a stream's DATA data[start:end], tracked without copying
+    it (`st` carries `msg_left`, `pfx`, `msgs` and `body`). With `work` (work ends), each
+    whole message is copied out once and handed to `work.message(key, body)`: the sink's
+    `Work` and the download client's `OutputWork`."""
+    while start < end:
+        if st.msg_left:
+            k = min(st.msg_left, end - start)
+            st.msg_left -= k
+            if work is not None:
+                st.body += memoryview(data)[start : start + k]
+                if not st.msg_left:
+                    work.message(key, st.body)
+                    st.body = bytearray()
+            start += k
+        else:
+            take = min(5 - len(st.pfx), end - start)
+            st.pfx += data[start : start + take]
+            start += take
+            if len(st.pfx) == 5:
+                st.msgs += 1
+                st.msg_left = U32.unpack_from(st.pfx, 1)[0]
+                st.pfx.clear()
+                if not st.msg_left and work is not None:
+                    work.message(key, st.body)
+
+
+Place = tuple[int, int, "memoryview | None", int]
+"""A sender's place in its messages: (offset, index of the current message, the current
+message as read from the file or None, the offset that message starts at)."""
+
+
+def send_messages(conn: Any, *, sid: int, view: memoryview | None, fd: int | None,
+                  ends: list[int], total: int, place: Place, swin: int, cwin: int,
+                  last: bytes = b"") -> tuple[Place, int, int, int, bool]:
+    """Writes as many DATA frames of a stream of gRPC messages as the windows allow, by grpc-go's
+    loopy-writer rules: frames of at most 16384 bytes (or the peer's smaller limit), never
+    spanning two messages, cut to the window left; used by the upload client and by the sink
+    for downloads. The messages come from `view` (lean ends) or, one pread() per message, from
+    `fd` (work ends); `ends` are their end offsets, `total` the last. Writes in batches of
+    256 KiB to `conn.t`, stopping once `conn.paused`; `last` goes in the same write as the
+    last message's frames (the upload's CloseSend). Returns the new place, the stream's and
+    the connection's windows left, the frames written, and whether it stopped for window."""
+    off, idx, cur, cur_start = place
+    maxf = min(16384, conn.peer_max_frame)
+    pack = FRAME_HDR.pack
+    write = conn.t.writelines
+    parts: list[bytes | memoryview] = []
+    batch = frames = 0
+    stalled = False
+    while off < total:
+        win = swin if swin < cwin else cwin
+        if win <= 0:
+            stalled = True
+            break
+        end = ends[idx]
+        n = end - off
+        if n > maxf:
+            n = maxf
+        if n > win:
+            n = win
+        parts.append(pack(n >> 8, n & 0xFF, DATA, 0, sid))
+        if fd is None:
+            assert view is not None
+            parts.append(view[off : off + n])
+        else:
+            if cur is None or off >= cur_start + len(cur):
+                cur_start = off
+                cur = memoryview(os.pread(fd, end - off, off))
+            parts.append(cur[off - cur_start : off - cur_start + n])
+        off += n
+        swin -= n
+        cwin -= n
+        frames += 1
+        if off == end:
+            idx += 1
+        batch += n
+        if batch >= 262144:
+            write(parts)
+            parts = []
+            batch = 0
+            if conn.paused:
+                break
+    if off >= total and last:
+        parts.append(last)
+    if parts:
+        write(parts)
+    return (off, idx, cur, cur_start), swin, cwin, frames, stalled
+
+
 class Work:
     """What buildkitd does with each received message's bytes, done for real (``--work-dir``).
 
@@ -267,17 +357,13 @@ class ServedFile:
 class Download:
     """One download in progress on a Session stream: the sender's place in the file."""
 
-    __slots__ = ("cur", "cur_start", "done", "file", "frames", "idx", "off", "solves", "st",
-                 "trailers_due")
+    __slots__ = ("done", "file", "frames", "place", "solves", "st", "trailers_due")
 
     def __init__(self, file: ServedFile, st: Stream) -> None:
         self.file = file
         self.st = st
-        self.off = 0
-        self.idx = 0
+        self.place: Place = (0, 0, None, 0)  # where the sender is (send_messages)
         self.frames = 0
-        self.cur: memoryview | None = None  # work ends: the current message, read from the file
-        self.cur_start = 0
         self.done = False
         self.trailers_due = False  # the client half-closed before the last byte went out
         self.solves: list[tuple[SinkConn, int]] = []  # answered when the last byte is out
@@ -583,27 +669,7 @@ class SinkConn(FrameReader):
         if not st.is_session:
             st.data += data[start:end]
             return
-        # track gRPC message boundaries without copying the payload (unless --work)
-        work = self.server.work
-        while start < end:
-            if st.msg_left:
-                k = min(st.msg_left, end - start)
-                st.msg_left -= k
-                if work is not None:
-                    st.body += memoryview(data)[start : start + k]
-                    if not st.msg_left:
-                        work.message(st, st.body)
-                        st.body = bytearray()
-                start += k
-            else:
-                need = 5 - len(st.pfx)
-                take = min(need, end - start)
-                st.pfx += data[start : start + take]
-                start += take
-                if len(st.pfx) == 5:
-                    st.msgs += 1
-                    st.msg_left = U32.unpack_from(st.pfx, 1)[0]
-                    st.pfx.clear()
+        take_messages(st, data, start, end, self.server.work, st)
 
     def _frame(self, ftype: int, flags: int, sid: int, payload: bytes | bytearray) -> None:
         if ftype == HEADERS or ftype == CONT:
@@ -796,65 +862,21 @@ class SinkConn(FrameReader):
                 return
 
     def _pump(self, dl: Download) -> None:
-        """Send as many DATA frames as the windows allow: grpc-go's loopy-writer rules, as the
-        benchmark's upload client (frames of at most 16384 bytes, never spanning two messages,
-        cut to the window left)."""
+        """Send as many DATA frames of the download as the windows allow (`send_messages`, as
+        the benchmark's upload client sends)."""
         st = dl.st
         assert self.t is not None
         if self.streams.get(st.id) is not st:  # reset meanwhile
             self.downloads.remove(dl)
             return
         f = dl.file
-        ends = f.msg_ends
-        total = f.size
-        view, fd = f.view, f.fd
-        off, idx, cur, cur_start = dl.off, dl.idx, dl.cur, dl.cur_start
-        maxf = min(16384, self.peer_max_frame)
-        pack = FRAME_HDR.pack
-        sid = st.id
-        swin, cwin = st.send_win, self.conn_send_win
-        parts: list[bytes | memoryview] = []
-        batch = frames = 0
-        while off < total:
-            win = swin if swin < cwin else cwin
-            if win <= 0:
-                break
-            end = ends[idx]
-            n = end - off
-            if n > maxf:
-                n = maxf
-            if n > win:
-                n = win
-            parts.append(pack(n >> 8, n & 0xFF, DATA, 0, sid))
-            if fd is None:
-                assert view is not None
-                parts.append(view[off : off + n])
-            else:
-                if cur is None or off >= cur_start + len(cur):
-                    cur_start = off
-                    cur = memoryview(os.pread(fd, end - off, off))
-                parts.append(cur[off - cur_start : off - cur_start + n])
-            off += n
-            swin -= n
-            cwin -= n
-            frames += 1
-            if off == end:
-                idx += 1
-            batch += n
-            if batch >= 262144:
-                self.t.writelines(parts)
-                parts = []
-                batch = 0
-                if self.paused:
-                    break
-        if parts:
-            self.t.writelines(parts)
-        st.send_win, self.conn_send_win = swin, cwin
-        dl.off, dl.idx, dl.cur, dl.cur_start = off, idx, cur, cur_start
+        dl.place, st.send_win, self.conn_send_win, frames, _ = send_messages(
+            self, sid=st.id, view=f.view, fd=f.fd, ends=f.msg_ends, total=f.size,
+            place=dl.place, swin=st.send_win, cwin=self.conn_send_win)
         dl.frames += frames
-        if off >= total:
+        if dl.place[0] >= f.size:
             dl.done = True
-            dl.cur = None
+            dl.place = (*dl.place[:2], None, 0)  # the last message read is no longer needed
             self.downloads.remove(dl)
             for conn, solve_sid in dl.solves:  # the export is done: Solve returns
                 conn.reply_solve(solve_sid)
@@ -870,17 +892,18 @@ class SinkConn(FrameReader):
         if not dl.done:
             dl.trailers_due = True
             return
+        sent, messages = dl.place[:2]
         trailers = [
             ("grpc-status", "0"),
-            ("x-bench-bytes", str(dl.off)),
-            ("x-bench-messages", str(dl.idx)),
+            ("x-bench-bytes", str(sent)),
+            ("x-bench-messages", str(messages)),
             ("x-bench-frames", str(dl.frames)),
             ("x-bench-sha256", dl.file.sha256),
         ]
         if self.tls:
             trailers.append(("x-bench-tls", self.tls))
         self._send_headers(st.id, trailers, end=True)
-        self.server.session_done(st.session_id, (dl.off, dl.idx, dl.frames))
+        self.server.session_done(st.session_id, (sent, messages, dl.frames))
 
     def reply_solve(self, sid: int) -> None:
         if sid not in self.streams:

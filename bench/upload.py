@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -75,7 +76,6 @@ from sink import (
     DATA,
     END_HEADERS,
     END_STREAM,
-    FRAME_HDR,
     GOAWAY,
     HEADERS,
     PADDED,
@@ -92,17 +92,19 @@ from sink import (
     WINDOW_STEPS,
     WINDOW_UPDATE,
     FrameReader,
+    Place,
     apply_settings,
     frame,
     grpc_message,
     pb_bytes,
+    send_messages,
     settings_frame,
+    take_messages,
     window_update,
 )
 
 BENCH_DIR = Path(__file__).resolve().parent
 SHARED_KEY = "bench:0011223344556677"
-MAX_FRAME = 16384
 # BytesMessage.data sizes, cycled: mean ~10 KB, and ~1.35 DATA frames per message as measured
 # with buildctl against buildkitd (inner h2c writes of up to ~24 KB plus small control writes).
 DEFAULT_MSG_SIZES = (24000, 4000, 2500)
@@ -209,8 +211,161 @@ class UploadResult:
     sink_tls: str | None = None  # --tls: the same, of the connection into the sink (x-bench-tls)
 
 
+class _CallsClient:
+    """What the upload and the download client share: one grpc-go-like connection with a
+    `Control/Session` (stream 1) and the `Control/Solve` naming it (stream 3), sent at once
+    once the server's SETTINGS arrived; the connection's control frames; header blocks
+    assembled per stream (objects with `hblock`, `headers`, `trailers`, `end_remote`,
+    `send_win`); each call's grpc-status checked when it ends."""
+
+    SESSION_SID = 1
+    SOLVE_SID = 3
+
+    streams: dict[int, Any]
+
+    def _init_client(self, authority: str, session_id: str, ref: str, scheme: str) -> None:
+        self.scheme = scheme
+        self.authority = authority
+        self.session_id = session_id
+        self.ref = ref
+        loop = asyncio.get_running_loop()
+        self.t: asyncio.Transport | None = None
+        self.settings_seen = loop.create_future()
+        self.done = loop.create_future()
+        self.dec = Decoder()
+        self.dec.max_header_list_size = 64 << 20
+        self.enc = Encoder()
+        self.peer_init_win = 65535
+        self.peer_max_frame = 16384
+        self.conn_win = 65535
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t = transport  # type: ignore[assignment]
+        self.t.write(
+            PREFACE + settings_frame([(S_ENABLE_PUSH, 0), (S_MAX_HEADER_LIST_SIZE, 16 << 20)])
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(UploadError(f"connection lost: {exc or 'closed by peer'}"))
+
+    def _fail(self, exc: Exception) -> None:
+        for fut in (self.done, self.settings_seen):
+            if not fut.done():
+                fut.set_exception(exc)
+            if not fut.cancelled():
+                fut.exception()  # mark retrieved if nobody awaits it
+
+    def _control(self, ftype: int, flags: int, sid: int, payload: bytes | bytearray,
+                 out: list[bytes]) -> None:
+        """SETTINGS, WINDOW_UPDATE, PING, RST_STREAM (an error) and GOAWAY (an error unless it
+        lets both calls finish)."""
+        if ftype == SETTINGS:
+            if flags & ACK:
+                return
+            apply_settings(self, payload)
+            out.append(frame(SETTINGS, ACK, 0))
+            if not self.settings_seen.done():
+                self.settings_seen.set_result(None)
+        elif ftype == WINDOW_UPDATE:
+            inc = U32.unpack_from(payload)[0] & 0x7FFFFFFF
+            if sid == 0:
+                self.conn_win += inc
+            elif sid in self.streams:
+                self.streams[sid].send_win += inc
+        elif ftype == PING:
+            if not flags & ACK:
+                out.append(frame(PING, ACK, 0, bytes(payload)))
+        elif ftype == RST_STREAM:
+            code = U32.unpack_from(payload)[0]
+            raise UploadError(f"stream {sid} reset by peer (error code {code})")
+        elif ftype == GOAWAY:
+            last, code = U32.unpack_from(payload)[0] & 0x7FFFFFFF, U32.unpack_from(payload, 4)[0]
+            msg = bytes(payload[8:]).decode(errors="replace")
+            if code != 0 or last < self.SOLVE_SID:
+                raise UploadError(f"GOAWAY last={last} code={code} {msg!r}")
+
+    def _header_frame(self, ftype: int, flags: int, sid: int,
+                      payload: bytes | bytearray) -> Any:
+        """A HEADERS or CONTINUATION frame: the stream whose block it completed (its headers
+        or trailers set), else None. A block with END_STREAM sets `end_remote` once complete."""
+        st = self.streams.get(sid)
+        if st is None:
+            raise UploadError(f"HEADERS on unknown stream {sid}")
+        if ftype == HEADERS:
+            off, end = 0, len(payload)
+            if flags & PADDED:
+                off, end = 1, end - payload[0]
+            if flags & PRIORITY_FLAG:
+                off += 5
+            st.hblock = bytearray(payload[off:end])
+            if flags & END_STREAM:
+                st.end_remote = True  # applied once the block is complete
+        else:
+            st.hblock += payload
+        if not flags & END_HEADERS:
+            return None
+        hdrs = [(str(k), str(v)) for k, v in self.dec.decode(bytes(st.hblock))]
+        st.hblock = bytearray()
+        if st.headers is None and not any(k == "grpc-status" for k, _ in hdrs):
+            st.headers = hdrs
+        else:
+            st.trailers = hdrs
+        return st
+
+    def _check_status(self, sid: int, st: Any) -> None:
+        trailers = dict(st.trailers or st.headers or [])
+        status = trailers.get("grpc-status")
+        if status != "0":
+            raise UploadError(
+                f"stream {sid} ({'Session' if sid == 1 else 'Solve'}) ended with grpc-status "
+                f"{status} {trailers.get('grpc-message', '')!r}"
+            )
+
+    def _open_calls(self, session_extra: list[tuple[str, str]]) -> bytes:
+        """The frames that open both calls: the Session's HEADERS (session headers, then
+        `session_extra`), the Solve's HEADERS and its request with END_STREAM."""
+        common = [
+            (":authority", self.authority),
+            ("content-type", "application/grpc"),
+            ("user-agent", "grpc-go/1.66.3"),
+            ("te", "trailers"),
+        ]
+        session_hdrs = [
+            (":method", "POST"),
+            (":scheme", self.scheme),
+            (":path", SESSION_PATH),
+            *common,
+            ("x-docker-expose-session-uuid", self.session_id),
+            ("x-docker-expose-session-sharedkey", SHARED_KEY),
+            *session_extra,
+        ]
+        solve_hdrs = [(":method", "POST"), (":scheme", self.scheme), (":path", SOLVE_PATH), *common]
+        solve_req = grpc_message(
+            pb_bytes(1, self.ref.encode()) + pb_bytes(5, self.session_id.encode())
+        )
+        st = self.streams[self.SOLVE_SID]
+        if len(solve_req) > min(st.send_win, self.conn_win):
+            raise UploadError("no window for the Solve request")
+        st.send_win -= len(solve_req)
+        self.conn_win -= len(solve_req)
+        return (self._headers_frames(self.SESSION_SID, session_hdrs)
+                + self._headers_frames(self.SOLVE_SID, solve_hdrs)
+                + frame(DATA, END_STREAM, self.SOLVE_SID, solve_req))
+
+    def _headers_frames(self, sid: int, hdrs: list[tuple[str, str]]) -> bytes:
+        block = self.enc.encode(hdrs)
+        mf = self.peer_max_frame
+        parts = [frame(HEADERS, 0 if len(block) > mf else END_HEADERS, sid, block[:mf])]
+        rest = block[mf:]
+        while rest:
+            chunk, rest = rest[:mf], rest[mf:]
+            parts.append(frame(CONT, 0 if rest else END_HEADERS, sid, chunk))
+        return b"".join(parts)
+
+
 class _Stream:
-    __slots__ = ("ended", "hblock", "headers", "recv_data", "send_win", "trailers")
+    __slots__ = ("end_remote", "ended", "hblock", "headers", "recv_data", "send_win",
+                 "trailers")
 
     def __init__(self, win: int) -> None:
         self.send_win = win
@@ -218,36 +373,20 @@ class _Stream:
         self.trailers: list[tuple[str, str]] | None = None
         self.hblock = bytearray()
         self.recv_data = 0
+        self.end_remote = False  # END_STREAM seen on a header block
         self.ended = False
 
 
-class UploadClient(asyncio.Protocol):
-    """One grpc-go-like client connection doing Session + Solve."""
-
-    SESSION_SID = 1
-    SOLVE_SID = 3
+class UploadClient(_CallsClient, asyncio.Protocol):
+    """One grpc-go-like client connection doing Session + Solve, uploading on the Session."""
 
     def __init__(
         self, payload: Payload, authority: str, session_id: str, ref: str, scheme: str = "http"
     ) -> None:
+        self._init_client(authority, session_id, ref, scheme)
         self.p = payload
-        self.scheme = scheme
-        self.authority = authority
-        self.session_id = session_id
-        self.ref = ref
-        loop = asyncio.get_running_loop()
-        self.loop = loop
-        self.t: asyncio.Transport | None = None
-        self.settings_seen = loop.create_future()
-        self.done = loop.create_future()
         self.solve_done_at: float | None = None
         self.buf = bytearray()
-        self.dec = Decoder()
-        self.dec.max_header_list_size = 64 << 20
-        self.enc = Encoder()
-        self.peer_init_win = 65535
-        self.peer_max_frame = 16384
-        self.conn_win = 65535
         self.streams = {
             self.SESSION_SID: _Stream(65535),
             self.SOLVE_SID: _Stream(65535),
@@ -255,10 +394,7 @@ class UploadClient(asyncio.Protocol):
         self.started = False
         self.paused = False
         # sender state
-        self.off = 0
-        self.msg_idx = 0
-        self.cur: memoryview | None = None  # the current message, when read from a file
-        self.cur_start = 0
+        self.place: Place = (0, 0, None, 0)  # send_messages's
         self.frames = 0
         self.window_waits = 0
         self.blocked = False
@@ -267,14 +403,9 @@ class UploadClient(asyncio.Protocol):
 
     # --- transport callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.t = transport  # type: ignore[assignment]
+        super().connection_made(transport)
+        assert self.t is not None
         self.t.set_write_buffer_limits(high=1 << 20)
-        self.t.write(
-            PREFACE + settings_frame([(S_ENABLE_PUSH, 0), (S_MAX_HEADER_LIST_SIZE, 16 << 20)])
-        )
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._fail(UploadError(f"connection lost: {exc or 'closed by peer'}"))
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -310,33 +441,8 @@ class UploadClient(asyncio.Protocol):
         if self.started:
             self._pump()
 
-    def _fail(self, exc: Exception) -> None:
-        if not self.done.done():
-            self.done.set_exception(exc)
-        if not self.settings_seen.done():
-            self.settings_seen.set_exception(exc)
-        for fut in (self.done, self.settings_seen):  # mark retrieved if nobody awaits it
-            if fut.done() and not fut.cancelled():
-                fut.exception()
-
     def _frame(self, ftype: int, flags: int, sid: int, payload: bytes, out: list[bytes]) -> None:
-        if ftype == SETTINGS:
-            if flags & ACK:
-                return
-            apply_settings(self, payload)
-            out.append(frame(SETTINGS, ACK, 0))
-            if not self.settings_seen.done():
-                self.settings_seen.set_result(None)
-        elif ftype == WINDOW_UPDATE:
-            inc = U32.unpack_from(payload)[0] & 0x7FFFFFFF
-            if sid == 0:
-                self.conn_win += inc
-            elif sid in self.streams:
-                self.streams[sid].send_win += inc
-        elif ftype == PING:
-            if not flags & ACK:
-                out.append(frame(PING, ACK, 0, payload))
-        elif ftype == DATA:
+        if ftype == DATA:
             st = self.streams.get(sid)
             if st is not None:
                 st.recv_data += len(payload)
@@ -350,48 +456,15 @@ class UploadClient(asyncio.Protocol):
             if flags & END_STREAM and st is not None:
                 self._stream_ended(sid, st)
         elif ftype == HEADERS or ftype == CONT:
-            st = self.streams.get(sid)
-            if st is None:
-                raise UploadError(f"HEADERS on unknown stream {sid}")
-            if ftype == HEADERS:
-                off, end = 0, len(payload)
-                if flags & PADDED:
-                    off, end = 1, end - payload[0]
-                if flags & PRIORITY_FLAG:
-                    off += 5
-                st.hblock = bytearray(payload[off:end])
-                if flags & END_STREAM:
-                    st.ended = True  # applied once the block is complete
-            else:
-                st.hblock += payload
-            if flags & END_HEADERS:
-                hdrs = [(str(k), str(v)) for k, v in self.dec.decode(bytes(st.hblock))]
-                st.hblock = bytearray()
-                if st.headers is None and not any(k == "grpc-status" for k, _ in hdrs):
-                    st.headers = hdrs
-                else:
-                    st.trailers = hdrs
-                if st.ended:
-                    st.ended = False
-                    self._stream_ended(sid, st)
-        elif ftype == RST_STREAM:
-            code = U32.unpack_from(payload)[0]
-            raise UploadError(f"stream {sid} reset by peer (error code {code})")
-        elif ftype == GOAWAY:
-            last, code = U32.unpack_from(payload)[0] & 0x7FFFFFFF, U32.unpack_from(payload, 4)[0]
-            msg = payload[8:].decode(errors="replace")
-            if code != 0 or last < self.SOLVE_SID:
-                raise UploadError(f"GOAWAY last={last} code={code} {msg!r}")
+            st = self._header_frame(ftype, flags, sid, payload)
+            if st is not None and st.end_remote:
+                self._stream_ended(sid, st)
+        else:
+            self._control(ftype, flags, sid, payload, out)
 
     def _stream_ended(self, sid: int, st: _Stream) -> None:
         st.ended = True
-        trailers = dict(st.trailers or st.headers or [])
-        status = trailers.get("grpc-status")
-        if status != "0":
-            raise UploadError(
-                f"stream {sid} ({'Session' if sid == 1 else 'Solve'}) ended with grpc-status "
-                f"{status} {trailers.get('grpc-message', '')!r}"
-            )
+        self._check_status(sid, st)
         if sid == self.SOLVE_SID:
             self.solve_done_at = time.perf_counter()
         if all(s.ended for s in self.streams.values()) and not self.done.done():
@@ -400,123 +473,32 @@ class UploadClient(asyncio.Protocol):
     # --- sending
     def start(self) -> None:
         """Both HEADERS at once (Session first), the Solve request, then the upload."""
-        common = [
-            (":method", "POST"),
-            (":scheme", self.scheme),
-            (":authority", self.authority),
-            ("content-type", "application/grpc"),
-            ("user-agent", "grpc-go/1.66.3"),
-            ("te", "trailers"),
-        ]
-        session_hdrs = [
-            (":method", "POST"),
-            (":scheme", self.scheme),
-            (":path", SESSION_PATH),
-            *common[2:],
-            ("x-docker-expose-session-uuid", self.session_id),
-            ("x-docker-expose-session-sharedkey", SHARED_KEY),
+        assert self.t is not None
+        self.t.write(self._open_calls([
             ("x-docker-expose-session-grpc-method", "/moby.filesync.v1.FileSync/DiffCopy"),
             ("x-docker-expose-session-grpc-method", "/moby.filesync.v1.FileSync/TarStream"),
             ("x-docker-expose-session-grpc-method", "/grpc.health.v1.Health/Check"),
-        ]
-        solve_hdrs = [
-            (":method", "POST"),
-            (":scheme", self.scheme),
-            (":path", SOLVE_PATH),
-            *common[2:],
-        ]
-        solve_req = grpc_message(
-            pb_bytes(1, self.ref.encode()) + pb_bytes(5, self.session_id.encode())
-        )
-        out = [
-            self._headers_frames(self.SESSION_SID, session_hdrs),
-            self._headers_frames(self.SOLVE_SID, solve_hdrs),
-        ]
-        st = self.streams[self.SOLVE_SID]
-        if len(solve_req) > min(st.send_win, self.conn_win):
-            raise UploadError("no window for the Solve request")
-        st.send_win -= len(solve_req)
-        self.conn_win -= len(solve_req)
-        out.append(frame(DATA, END_STREAM, self.SOLVE_SID, solve_req))
-        assert self.t is not None
-        self.t.write(b"".join(out))
+        ]))
         self.started = True
         self._pump()
 
-    def _headers_frames(self, sid: int, hdrs: list[tuple[str, str]]) -> bytes:
-        block = self.enc.encode(hdrs)
-        mf = self.peer_max_frame
-        parts = [frame(HEADERS, 0 if len(block) > mf else END_HEADERS, sid, block[:mf])]
-        rest = block[mf:]
-        while rest:
-            chunk, rest = rest[:mf], rest[mf:]
-            parts.append(frame(CONT, 0 if rest else END_HEADERS, sid, chunk))
-        return b"".join(parts)
-
     def _pump(self) -> None:
-        """Send as many DATA frames as the windows allow (grpc-go loopy-writer rules)."""
+        """Send as many DATA frames as the windows allow (send_messages), then CloseSend."""
         if self.sent_end or self.paused or self.t is None or self.done.done():
             return
         st = self.streams[self.SESSION_SID]
-        view = self.p.view
-        ends = self.p.msg_ends
-        total = self.p.wire_bytes
-        off = self.off
-        idx = self.msg_idx
-        maxf = min(MAX_FRAME, self.peer_max_frame)
-        pack = FRAME_HDR.pack
-        sid = self.SESSION_SID
-        parts: list[bytes | memoryview] = []
-        batch = 0
-        frames = 0
-        swin, cwin = st.send_win, self.conn_win
-        fd = self.p.fd
-        cur, cur_start = self.cur, self.cur_start
-        while off < total:
-            win = swin if swin < cwin else cwin
-            if win <= 0:
-                if not self.blocked:
-                    self.blocked = True
-                    self.window_waits += 1
-                break
-            self.blocked = False
-            end = ends[idx]
-            n = end - off
-            if n > maxf:
-                n = maxf
-            if n > win:
-                n = win
-            parts.append(pack(n >> 8, n & 0xFF, DATA, 0, sid))
-            if fd is None:
-                parts.append(view[off : off + n])
-            else:
-                if cur is None or off >= cur_start + len(cur):
-                    cur_start = off
-                    cur = memoryview(os.pread(fd, end - off, off))
-                parts.append(cur[off - cur_start : off - cur_start + n])
-            off += n
-            swin -= n
-            cwin -= n
-            frames += 1
-            if off == end:
-                idx += 1
-            batch += n
-            if batch >= 262144:
-                self.t.writelines(parts)
-                parts = []
-                batch = 0
-                if self.paused:
-                    break
-        st.send_win, self.conn_win = swin, cwin
-        self.cur, self.cur_start = cur, cur_start
-        self.off = off
-        self.msg_idx = idx
+        p = self.p
+        self.place, st.send_win, self.conn_win, frames, stalled = send_messages(
+            self, sid=self.SESSION_SID, view=p.view, fd=p.fd, ends=p.msg_ends,
+            total=p.wire_bytes, place=self.place, swin=st.send_win, cwin=self.conn_win,
+            last=frame(DATA, END_STREAM, self.SESSION_SID))  # CloseSend after the last message
         self.frames += frames
-        if off >= total and not self.sent_end:
-            parts.append(frame(DATA, END_STREAM, sid))  # CloseSend
-            self.sent_end = True
-        if parts:
-            self.t.writelines(parts)
+        if frames:
+            self.blocked = False
+        if stalled and not self.blocked:  # one wait per stop, however many pumps it takes
+            self.blocked = True
+            self.window_waits += 1
+        self.sent_end = self.place[0] >= p.wire_bytes
 
 
 class OutputWork:
@@ -567,7 +549,7 @@ class _DlStream:
         self.recv_unacked = 0
 
 
-class DownloadClient(FrameReader):
+class DownloadClient(_CallsClient, FrameReader):
     """One grpc-go-like client connection receiving a build result: Session + Solve, then the
     sink streams the payload back on the Session stream.
 
@@ -579,9 +561,6 @@ class DownloadClient(FrameReader):
     and the sink sends its trailers: the timer stops there.
     """
 
-    SESSION_SID = 1
-    SOLVE_SID = 3
-
     def __init__(
         self,
         payload: Payload,
@@ -592,26 +571,13 @@ class DownloadClient(FrameReader):
         work: OutputWork | None = None,
     ) -> None:
         self._init_reader(WINDOW_STEPS, preface=False)
+        self._init_client(authority, session_id, ref, scheme)
         assert payload.path is not None, "the payload must be written where the sink serves it"
         self.served_name = payload.path.name
         self.expected = payload.wire_bytes
-        self.scheme = scheme
-        self.authority = authority
-        self.session_id = session_id
-        self.ref = ref
         self.work = work
         self.sha = hashlib.sha256() if work is not None else None
-        loop = asyncio.get_running_loop()
-        self.t: asyncio.Transport | None = None
-        self.settings_seen = loop.create_future()
-        self.done = loop.create_future()
         self.done_at: float | None = None
-        self.dec = Decoder()
-        self.dec.max_header_list_size = 64 << 20
-        self.enc = Encoder()
-        self.peer_init_win = 65535
-        self.peer_max_frame = 16384
-        self.conn_win = 65535
         self.streams = {
             self.SESSION_SID: _DlStream(self.SESSION_SID, 65535),
             self.SOLVE_SID: _DlStream(self.SOLVE_SID, 65535),
@@ -619,15 +585,6 @@ class DownloadClient(FrameReader):
         self.closed_send = False
 
     # --- transport callbacks
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.t = transport  # type: ignore[assignment]
-        self.t.write(
-            PREFACE + settings_frame([(S_ENABLE_PUSH, 0), (S_MAX_HEADER_LIST_SIZE, 16 << 20)])
-        )
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._fail(UploadError(f"connection lost: {exc or 'closed by peer'}"))
-
     def data_received(self, data: bytes) -> None:
         try:
             self._feed(data)
@@ -639,39 +596,12 @@ class DownloadClient(FrameReader):
             self.t.write(b"".join(self.out))
         self.out.clear()
 
-    def _fail(self, exc: Exception) -> None:
-        for fut in (self.done, self.settings_seen):
-            if not fut.done():
-                fut.set_exception(exc)
-            if not fut.cancelled():
-                fut.exception()  # mark retrieved if nobody awaits it
-
     # --- receiving
     def _data_payload(self, st: _DlStream, data: bytes, start: int, end: int) -> None:
         st.nbytes += end - start
         if st.id != self.SESSION_SID:
             return  # the Solve response: an empty message
-        work, sha = self.work, self.sha
-        while start < end:
-            if st.msg_left:
-                k = min(st.msg_left, end - start)
-                st.msg_left -= k
-                if work is not None:
-                    st.body += memoryview(data)[start : start + k]
-                    if not st.msg_left:
-                        work.message(sha, st.body)
-                        st.body = bytearray()
-                start += k
-            else:
-                take = min(5 - len(st.pfx), end - start)
-                st.pfx += data[start : start + take]
-                start += take
-                if len(st.pfx) == 5:
-                    st.msgs += 1
-                    st.msg_left = U32.unpack_from(st.pfx, 1)[0]
-                    st.pfx.clear()
-                    if not st.msg_left and work is not None:
-                        work.message(sha, st.body)
+        take_messages(st, data, start, end, self.work, self.sha)
         if st.nbytes >= self.expected:
             self._close_send()
 
@@ -679,24 +609,7 @@ class DownloadClient(FrameReader):
         self._stream_ended(st)
 
     def _frame(self, ftype: int, flags: int, sid: int, payload: bytes | bytearray) -> None:
-        out = self.out
-        if ftype == SETTINGS:
-            if flags & ACK:
-                return
-            apply_settings(self, payload)
-            out.append(frame(SETTINGS, ACK, 0))
-            if not self.settings_seen.done():
-                self.settings_seen.set_result(None)
-        elif ftype == WINDOW_UPDATE:
-            inc = U32.unpack_from(payload)[0] & 0x7FFFFFFF
-            if sid == 0:
-                self.conn_win += inc
-            elif sid in self.streams:
-                self.streams[sid].send_win += inc
-        elif ftype == PING:
-            if not flags & ACK:
-                out.append(frame(PING, ACK, 0, bytes(payload)))
-        elif ftype == DATA:  # padded DATA (the fast path takes the others)
+        if ftype == DATA:  # padded DATA (the fast path takes the others)
             st = self._recv_credit(sid, len(payload))
             if st is not None:
                 body = payload[1 : len(payload) - payload[0]] if flags & PADDED else payload
@@ -706,49 +619,17 @@ class DownloadClient(FrameReader):
                     st.end_remote = True
                     self._stream_ended(st)
         elif ftype == HEADERS or ftype == CONT:
-            st = self.streams.get(sid)
-            if st is None:
-                raise UploadError(f"HEADERS on unknown stream {sid}")
-            if ftype == HEADERS:
-                off, end = 0, len(payload)
-                if flags & PADDED:
-                    off, end = 1, end - payload[0]
-                if flags & PRIORITY_FLAG:
-                    off += 5
-                st.hblock = bytearray(payload[off:end])
-                if flags & END_STREAM:
-                    st.end_remote = True  # applied once the block is complete
-            else:
-                st.hblock += payload
-            if flags & END_HEADERS:
-                hdrs = [(str(k), str(v)) for k, v in self.dec.decode(bytes(st.hblock))]
-                st.hblock = bytearray()
-                if st.headers is None and not any(k == "grpc-status" for k, _ in hdrs):
-                    st.headers = hdrs
-                else:
-                    st.trailers = hdrs
-                if st.end_remote:
-                    self._stream_ended(st)
-        elif ftype == RST_STREAM:
-            code = U32.unpack_from(payload)[0]
-            raise UploadError(f"stream {sid} reset by peer (error code {code})")
-        elif ftype == GOAWAY:
-            last, code = U32.unpack_from(payload)[0] & 0x7FFFFFFF, U32.unpack_from(payload, 4)[0]
-            msg = bytes(payload[8:]).decode(errors="replace")
-            if code != 0 or last < self.SOLVE_SID:
-                raise UploadError(f"GOAWAY last={last} code={code} {msg!r}")
+            st = self._header_frame(ftype, flags, sid, payload)
+            if st is not None and st.end_remote:
+                self._stream_ended(st)
+        else:
+            self._control(ftype, flags, sid, payload, self.out)
 
     def _stream_ended(self, st: _DlStream) -> None:
         if st.ended:
             return
         st.ended = True
-        trailers = dict(st.trailers or st.headers or [])
-        status = trailers.get("grpc-status")
-        if status != "0":
-            raise UploadError(
-                f"stream {st.id} ({'Session' if st.id == 1 else 'Solve'}) ended with grpc-status "
-                f"{status} {trailers.get('grpc-message', '')!r}"
-            )
+        self._check_status(st.id, st)
         self._close_send()
         if all(s.ended for s in self.streams.values()) and not self.done.done():
             self.done_at = time.perf_counter()
@@ -768,49 +649,13 @@ class DownloadClient(FrameReader):
     def start(self) -> None:
         """Both HEADERS at once (Session first, asking for the download), then the Solve
         request."""
-        common = [
-            (":authority", self.authority),
-            ("content-type", "application/grpc"),
-            ("user-agent", "grpc-go/1.66.3"),
-            ("te", "trailers"),
-        ]
-        session_hdrs = [
-            (":method", "POST"),
-            (":scheme", self.scheme),
-            (":path", SESSION_PATH),
-            *common,
-            ("x-docker-expose-session-uuid", self.session_id),
-            ("x-docker-expose-session-sharedkey", SHARED_KEY),
+        assert self.t is not None
+        self.t.write(self._open_calls([
             ("x-docker-expose-session-grpc-method", "/moby.filesync.v1.FileSend/DiffCopy"),
             ("x-docker-expose-session-grpc-method", "/moby.filesync.v1.FileSync/DiffCopy"),
             ("x-docker-expose-session-grpc-method", "/grpc.health.v1.Health/Check"),
             ("x-bench-download", self.served_name),
-        ]
-        solve_hdrs = [(":method", "POST"), (":scheme", self.scheme), (":path", SOLVE_PATH), *common]
-        solve_req = grpc_message(
-            pb_bytes(1, self.ref.encode()) + pb_bytes(5, self.session_id.encode())
-        )
-        st = self.streams[self.SOLVE_SID]
-        if len(solve_req) > min(st.send_win, self.conn_win):
-            raise UploadError("no window for the Solve request")
-        st.send_win -= len(solve_req)
-        self.conn_win -= len(solve_req)
-        assert self.t is not None
-        self.t.write(
-            _headers_frames(self.enc, self.peer_max_frame, self.SESSION_SID, session_hdrs)
-            + _headers_frames(self.enc, self.peer_max_frame, self.SOLVE_SID, solve_hdrs)
-            + frame(DATA, END_STREAM, self.SOLVE_SID, solve_req)
-        )
-
-
-def _headers_frames(enc: Encoder, mf: int, sid: int, hdrs: list[tuple[str, str]]) -> bytes:
-    block = enc.encode(hdrs)
-    parts = [frame(HEADERS, 0 if len(block) > mf else END_HEADERS, sid, block[:mf])]
-    rest = block[mf:]
-    while rest:
-        chunk, rest = rest[:mf], rest[mf:]
-        parts.append(frame(CONT, 0 if rest else END_HEADERS, sid, chunk))
-    return b"".join(parts)
+        ]))
 
 
 def tls_summary(transport: asyncio.BaseTransport) -> str:
@@ -826,15 +671,14 @@ def tls_summary(transport: asyncio.BaseTransport) -> str:
     return f"{obj.version()} {cipher[0] if cipher else '?'} {alpn}"
 
 
-async def upload_once(
-    port: int,
-    payload: Payload,
-    timeout: float,
-    tls: ssl.SSLContext | None = None,
-    server_name: str | None = None,
-) -> UploadResult:
-    """One upload; with `tls`, over TLS (offering ALPN h2, the certificate checked against
-    `server_name`). The timer starts before connecting, so it includes the TLS handshake."""
+async def _run_calls(make: Callable[[str, str, str, str], Any], port: int, *, timeout: float,
+                     tls: ssl.SSLContext | None, server_name: str | None,
+                     what: str) -> tuple[Any, str | None, float]:
+    """Connects a client made by `make(authority, session_id, ref, scheme)` (over TLS with
+    `tls`, offering ALPN h2, the certificate checked against `server_name`), waits for the
+    server's SETTINGS as grpc-go does, starts it and waits until it is done. Returns the
+    client, what TLS negotiated, and the start time: the timer starts before connecting, so
+    it includes the TLS handshake."""
     loop = asyncio.get_running_loop()
     session_id, ref = random_id(), random_id()
     scheme = "https" if tls is not None else "http"
@@ -844,7 +688,7 @@ async def upload_once(
     try:
         async with asyncio.timeout(timeout):
             transport, client = await loop.create_connection(
-                lambda: UploadClient(payload, f"127.0.0.1:{port}", session_id, ref, scheme),
+                lambda: make(f"127.0.0.1:{port}", session_id, ref, scheme),
                 "127.0.0.1",
                 port,
                 ssl=tls,
@@ -859,17 +703,34 @@ async def upload_once(
             client.start()
             await client.done
     except TimeoutError:
-        raise UploadError(f"upload did not finish within {timeout:.0f} s") from None
+        raise UploadError(f"{what} did not finish within {timeout:.0f} s") from None
     finally:
         if transport is not None:
             transport.close()
+    return client, negotiated, t0
+
+
+def _number(trailers: dict[str, str], key: str) -> int | None:
+    v = trailers.get(key)
+    return int(v) if v and v.isdigit() else None
+
+
+async def upload_once(
+    port: int,
+    payload: Payload,
+    timeout: float,
+    tls: ssl.SSLContext | None = None,
+    server_name: str | None = None,
+) -> UploadResult:
+    """One upload; with `tls`, over TLS (offering ALPN h2, the certificate checked against
+    `server_name`). The timer starts before connecting, so it includes the TLS handshake."""
+    client, negotiated, t0 = await _run_calls(
+        lambda authority, session_id, ref, scheme: UploadClient(
+            payload, authority, session_id, ref, scheme),
+        port, timeout=timeout, tls=tls, server_name=server_name, what="upload")
     assert client.solve_done_at is not None
     tr = dict(client.streams[UploadClient.SESSION_SID].trailers or [])
-
-    def num(k: str) -> int | None:
-        v = tr.get(k)
-        return int(v) if v and v.isdigit() else None
-
+    num = functools.partial(_number, tr)
     res = UploadResult(
         seconds=client.solve_done_at - t0,
         frames=client.frames,
@@ -905,45 +766,18 @@ async def download_once(
     """One download of `payload` (written where the sink serves it, `Payload.write`): the
     timer runs from connect to the last byte and the Session trailers. With `work` (work ends)
     every message is copied, hashed and written, and the hash must match the sink's."""
-    loop = asyncio.get_running_loop()
-    session_id, ref = random_id(), random_id()
-    scheme = "https" if tls is not None else "http"
-    t0 = time.perf_counter()
-    transport = None
-    negotiated = None
     try:
-        async with asyncio.timeout(timeout):
-            transport, client = await loop.create_connection(
-                lambda: DownloadClient(payload, f"127.0.0.1:{port}", session_id, ref, scheme,
-                                       work),
-                "127.0.0.1",
-                port,
-                ssl=tls,
-                server_hostname=server_name if tls is not None else None,
-            )
-            if tls is not None:
-                negotiated = tls_summary(transport)
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await client.settings_seen  # grpc-go waits for the server preface
-            client.start()
-            await client.done
-    except TimeoutError:
-        raise UploadError(f"download did not finish within {timeout:.0f} s") from None
+        client, negotiated, t0 = await _run_calls(
+            lambda authority, session_id, ref, scheme: DownloadClient(
+                payload, authority, session_id, ref, scheme, work),
+            port, timeout=timeout, tls=tls, server_name=server_name, what="download")
     finally:
-        if transport is not None:
-            transport.close()
         if work is not None:
             work.reset()  # after the timer: the file only ever holds the current download
     assert client.done_at is not None
     session = client.streams[DownloadClient.SESSION_SID]
     tr = dict(session.trailers or [])
-
-    def num(k: str) -> int | None:
-        v = tr.get(k)
-        return int(v) if v and v.isdigit() else None
-
+    num = functools.partial(_number, tr)
     res = UploadResult(
         seconds=client.done_at - t0,
         frames=session.frames,

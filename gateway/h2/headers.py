@@ -251,14 +251,21 @@ def _string(data: bytes) -> bytes:
     return _integer(len(data), 7, 0x00) + data
 
 
+def _literal(name: bytes, value: bytes, prefix_bits: int, first: int) -> bytes:
+    """A literal field (RFC 7541 6.2): its name a static-table index when the name is there,
+    else a string; `prefix_bits` and `first` give the kind (4, 0x00: without indexing; 4, 0x10:
+    never indexed; 6, 0x40: with incremental indexing)."""
+    name_index = _STATIC_NAME.get(name)
+    if name_index is not None:
+        return _integer(name_index, prefix_bits, first) + _string(value)
+    return bytes((first,)) + _string(name) + _string(value)
+
+
 def _encode_field(name: bytes, value: bytes) -> bytes:
     index = _STATIC_PAIR.get((name, value))
     if index is not None:
         return _integer(index, 7, 0x80)
-    name_index = _STATIC_NAME.get(name)
-    if name_index is not None:
-        return _integer(name_index, 4, 0x00) + _string(value)
-    return b"\x00" + _string(name) + _string(value)
+    return _literal(name, value, 4, 0x00)
 
 
 _FIELD_MEMO: dict[tuple[bytes, bytes], bytes] = {}
@@ -394,18 +401,9 @@ class HeaderEncoder:
             name, value = field
             entry = len(name) + len(value) + 32
             if name in _NOT_INDEXED or name in _NEVER_INDEXED or entry > self.limit // 4:
-                flag = 0x10 if name in _NEVER_INDEXED else 0x00
-                name_index = _STATIC_NAME.get(name)
-                if name_index is not None:
-                    out.append(_integer(name_index, 4, flag) + _string(value))
-                else:
-                    out.append(bytes((flag,)) + _string(name) + _string(value))
+                out.append(_literal(name, value, 4, 0x10 if name in _NEVER_INDEXED else 0x00))
                 continue
-            name_index = _STATIC_NAME.get(name)
-            if name_index is not None:
-                out.append(_integer(name_index, 6, 0x40) + _string(value))
-            else:
-                out.append(b"\x40" + _string(name) + _string(value))
+            out.append(_literal(name, value, 6, 0x40))
             self._add(field, entry)
         block = b"".join(out)
         if self._inserted != inserted:

@@ -182,9 +182,12 @@ class HashRing:
             batches = (1 if room == math.inf
                        else len(added) + len(removed) if room <= 0
                        else min(math.ceil(edits / room), len(added) + len(removed)))
-            full = (sum(_cost(node, vnodes, SCAN_NS) for node in wanted)
-                    + len(wanted) * vnodes * SORT_NS)
-            splice = edits + batches * copy <= full
+            cost = edits + batches * copy
+            # A full build costs at least its scan and sort; its hashing (the nodes not
+            # memoized, a pass over the whole set) is counted only when that decides.
+            full = len(wanted) * vnodes * (SCAN_NS + SORT_NS)
+            splice = cost <= full or cost <= full + sum(
+                vnodes * HASH_NS for node in wanted if (node, vnodes) not in _memo)
         else:
             splice = False
         if not splice:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import struct
 from collections.abc import AsyncIterator
 
 import grpc
@@ -27,6 +26,8 @@ from h2.events import (
 )
 from h2.settings import SettingCodes
 
+from gateway.buildkit.wire import frame_message
+from gateway.pb import control_pb2 as cpb
 from tests.conftest import gateway_port, running_gateway
 
 pytestmark = pytest.mark.timeout(30)
@@ -34,23 +35,17 @@ pytestmark = pytest.mark.timeout(30)
 ECHO = "/test.Headers/Echo"
 
 
-def _message(body: bytes) -> bytes:
-    return b"\x00" + struct.pack(">I", len(body)) + body
-
-
-def _field(number: int, value: bytes) -> bytes:
-    return bytes((number << 3 | 2, len(value))) + value
-
-
 def _reply(path: str, headers: list[tuple[bytes, bytes]]) -> bytes | None:
     """The reply message of `path` (None: the call stays open, as subscriptions do)."""
     if path == "/grpc.health.v1.Health/Check":
         return b"\x08\x01"
     if path == "/moby.buildkit.v1.Control/ListWorkers":
-        platform = _field(1, b"amd64") + _field(2, b"linux")
-        return _field(1, _field(1, b"h2-worker") + _field(3, platform))
+        rec = cpb.WorkerRecord(ID="h2-worker",
+                               platforms=[cpb.Platform(Architecture="amd64", OS="linux")])
+        return cpb.ListWorkersResponse(record=[rec]).SerializeToString()
     if path == "/moby.buildkit.v1.Control/Info":
-        return _field(1, _field(1, b"github.com/moby/buildkit") + _field(2, b"v0.0.0-h2"))
+        version = cpb.BuildkitVersion(package="github.com/moby/buildkit", version="v0.0.0-h2")
+        return cpb.InfoResponse(buildkitVersion=version).SerializeToString()
     if path in ("/grpc.health.v1.Health/Watch", "/moby.buildkit.v1.Control/ListenBuildHistory"):
         return None
     return b"\n".join(n + b"=" + v for n, v in headers if not n.startswith(b":"))
@@ -101,7 +96,7 @@ class H2Replica(asyncio.Protocol):
         self.echoed += path == ECHO
         self.conn.send_headers(sid, [(b":status", b"200"),
                                      (b"content-type", b"application/grpc")])
-        self.conn.send_data(sid, _message(body))
+        self.conn.send_data(sid, frame_message(body))
         self.conn.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True)
 
 

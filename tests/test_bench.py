@@ -220,6 +220,34 @@ def test_relay_micro_runs() -> None:
     assert "relay DATA path" in result.stdout
 
 
+async def test_unary_micro_records_and_replays_with_cold_caches(tmp_path: Path) -> None:
+    sink = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "bench" / "sink.py"), "--port", "0",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert sink.stdout is not None
+        line = (await asyncio.wait_for(sink.stdout.readline(), 15)).decode()
+        assert line.startswith("SINK READY"), line
+        micro = [sys.executable, str(ROOT / "bench" / "unary_micro.py"),
+                 "--log", str(tmp_path / "log.pkl")]
+        recorded = await asyncio.create_subprocess_exec(
+            *micro, "--record", line.split()[2], "--calls", "40", "--callers", "1",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=ROOT)
+        out, _ = await asyncio.wait_for(recorded.communicate(), 60)
+        assert recorded.returncode == 0, out.decode()
+    finally:
+        sink.terminate()
+        await asyncio.wait_for(sink.wait(), 10)
+    replayed = await asyncio.create_subprocess_exec(
+        *micro, "--cold", "1", "--repeats", "1",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=ROOT)
+    out, _ = await asyncio.wait_for(replayed.communicate(), 60)
+    assert replayed.returncode == 0, out.decode()
+    # every call counted from the log's own frames, and each one ended (asserted inside)
+    assert "(40 calls, caches evicted (1 MiB)" in out.decode(), out.decode()
+
+
 def test_scaling_runs_against_the_kube_apiserver(kube_cluster: kube.KubeCluster) -> None:
     # The session's cluster (CI's, or a private one; skipped like the kube tests without an
     # apiserver), reused by the benchmark through the same variable as CI's.

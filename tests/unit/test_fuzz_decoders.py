@@ -45,6 +45,7 @@ from gateway.h2 import headers as hd
 from gateway.h2.frames import COMPRESSION_ERROR, FrameReader, ProtocolError
 from gateway.pb import control_pb2 as pb
 from gateway.routing import key
+from tests.fakes.frames import named
 
 # ---- profiles ------------------------------------------------------------------------------
 
@@ -159,7 +160,7 @@ def _feed_all(reader: FrameReader, chunks: list[bytes | memoryview]
     got: list[FrameTuple] = []
     try:
         for chunk in chunks:
-            for f in reader.feed(chunk):
+            for f in named(reader.feed(chunk)):
                 assert isinstance(f.payload, memoryview)
                 got.append((f.type, f.flags, f.stream_id, bytes(f.payload), f.flow_len))
     except ProtocolError as exc:

@@ -18,6 +18,7 @@ from hypothesis.stateful import (
 from gateway.h2 import frames as fr
 from gateway.h2.flow import SendScheduler
 from gateway.h2.frames import FrameReader, ProtocolError
+from tests.fakes.frames import named
 
 TRAILERS = b"\x88"  # any header block; the scheduler treats it as opaque
 
@@ -44,7 +45,8 @@ def wire(out: list) -> bytes:
 
 
 def data_frames(raw: bytes) -> list[tuple[int, int, int, bytes]]:
-    return [(f.type, f.flags, f.stream_id, bytes(f.payload)) for f in FrameReader().feed(raw)]
+    return [(t, flags, sid, bytes(payload))
+            for t, flags, sid, payload, _n in FrameReader().feed(raw)]
 
 
 class _Stream:
@@ -85,7 +87,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     # ---- the peer ------------------------------------------------------------------------
 
     def absorb(self, out: list) -> None:
-        for f in self.reader.feed(wire(out)):
+        for f in named(self.reader.feed(wire(out))):
             st_ = self.streams[f.stream_id]
             assert not st_.finished_on_wire, f"frame after END_STREAM on {f.stream_id}"
             assert not st_.closed, f"frame on closed stream {f.stream_id}"

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from gateway.h2 import frames as fr
 from gateway.h2.frames import Frame, FrameReader, ProtocolError
+from tests.fakes.frames import named
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -28,7 +29,8 @@ def parse_all(data: bytes, *, max_frame_size: int = fr.DEFAULT_MAX_FRAME_SIZE) -
 
 
 def norm(f: Frame) -> tuple[int, int, int, bytes, int]:
-    return (f.type, f.flags, f.stream_id, bytes(f.payload), f.flow_len)
+    ftype, flags, sid, payload, flow_len = f
+    return (ftype, flags, sid, bytes(payload), flow_len)
 
 
 def feed_in_chunks(data: bytes, cuts: list[int], *, views: bool = False) -> list[tuple]:
@@ -347,7 +349,7 @@ def test_buffered_reports_the_partial_frame() -> None:
     assert reader.feed(raw[3:11]) == []
     assert reader.buffered == 11
     (f,) = reader.feed(raw[11:] + raw[:2])
-    assert bytes(f.payload) == b"abcdef"
+    assert bytes(f[3]) == b"abcdef"
     assert reader.buffered == 2
     assert reader.feed(b"") == []
     assert reader.buffered == 2
@@ -360,7 +362,7 @@ def test_payload_survives_later_feeds() -> None:
     first = reader.feed(raw[:15])
     second = reader.feed(raw[15:22])
     third = reader.feed(raw[22:])
-    assert [bytes(f.payload) for f in first + second + third] == [b"0123456789"] * 2
+    assert [bytes(f[3]) for f in first + second + third] == [b"0123456789"] * 2
 
 
 # ---- cross-check with hyperframe -------------------------------------------------------------
@@ -406,7 +408,7 @@ def _hf_frames() -> st.SearchStrategy[hf.Frame]:
 @given(frames=st.lists(_hf_frames(), min_size=1, max_size=8))
 def test_parses_frames_serialized_by_hyperframe(frames: list[hf.Frame]) -> None:
     raw = b"".join(f.serialize() for f in frames)
-    got = FrameReader().feed(raw)
+    got = named(FrameReader().feed(raw))
     assert len(got) == len(frames)
     for mine, ref in zip(got, frames, strict=True):
         assert mine.type == ref.type

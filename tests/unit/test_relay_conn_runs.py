@@ -12,6 +12,7 @@ from gateway.h2 import frames as fr
 from gateway.relay.backend import BackendConn
 from gateway.relay.client import ClientConn
 from gateway.relay.conn import CREDIT_BATCH, FRAMES_PER_TURN, H2Conn, flush_dirty
+from tests.fakes.frames import named
 from tests.fakes.relay_wiring import SESSION, WiredRelay, wired_relay
 
 RELAY = config.load(["--replica", "tcp://127.0.0.1:9"], {}).relay
@@ -135,7 +136,7 @@ def _hop(conn: H2Conn, raw: bytes) -> tuple[object, ...]:
     larger WINDOW_UPDATEs than frame-by-frame handling; the amounts must be the same."""
     frames = []
     credit: dict[int, int] = {}
-    for f in fr.FrameReader().feed(raw):
+    for f in named(fr.FrameReader().feed(raw)):
         if f.type == fr.WINDOW_UPDATE:
             credit[f.stream_id] = credit.get(f.stream_id, 0) + fr.parse_u32(f.payload)
         else:
@@ -173,7 +174,7 @@ async def _both_ways(steps: list[tuple[str, object]]) -> list[list[object]]:
 
 
 def _window_updates(raw: bytes, sid: int) -> list[int]:
-    return [fr.parse_u32(f.payload) for f in fr.FrameReader().feed(raw)
+    return [fr.parse_u32(f.payload) for f in named(fr.FrameReader().feed(raw))
             if f.type == fr.WINDOW_UPDATE and f.stream_id == sid]
 
 
@@ -189,7 +190,8 @@ async def test_client_credit_follows_what_was_forwarded_in_small_batches() -> No
     for _ in range(40):  # the replica takes it 8 KiB at a time
         relay.backend.data_received(fr.window_update(0, 8192)
                                     + fr.window_update(relay.bsid, 8192))
-        forwarded = sum(len(f.payload) for f in fr.FrameReader().feed(bytes(relay.backend_tx.data))
+        to_replica = named(fr.FrameReader().feed(bytes(relay.backend_tx.data)))
+        forwarded = sum(len(f.payload) for f in to_replica
                         if f.type == fr.DATA and f.stream_id == relay.bsid)
         credited = sum(_window_updates(bytes(relay.client_tx.data), SESSION))
         assert forwarded - CREDIT_BATCH < credited <= forwarded
@@ -229,8 +231,8 @@ async def test_a_read_of_many_small_frames_is_handled_in_slices_in_order() -> No
     relay.client.data_received(b"".join(fr.ping(i.to_bytes(8, "big")) for i in range(3500)))
 
     def acks() -> list[int]:
-        return [int.from_bytes(f.payload, "big") for f in fr.FrameReader().feed(
-            bytes(tx.data)[len(before):]) if f.type == fr.PING and f.flags & fr.FLAG_ACK]
+        return [int.from_bytes(f.payload, "big") for f in named(fr.FrameReader().feed(
+            bytes(tx.data)[len(before):])) if f.type == fr.PING and f.flags & fr.FLAG_ACK]
 
     assert acks() == list(range(FRAMES_PER_TURN)) and not tx.reading
     relay.client.data_received(fr.ping((9999).to_bytes(8, "big")))  # arrives meanwhile
@@ -248,6 +250,6 @@ async def test_nothing_more_is_read_after_goaway_even_a_waiting_slice() -> None:
     relay.client.data_received(fr.ping(b"latecome"))
     for _ in range(4):
         await asyncio.sleep(0)
-    acks = [f for f in fr.FrameReader().feed(bytes(relay.client_tx.data)[before:])
+    acks = [f for f in named(fr.FrameReader().feed(bytes(relay.client_tx.data)[before:]))
             if f.type == fr.PING]
     assert len(acks) == FRAMES_PER_TURN  # the first slice only

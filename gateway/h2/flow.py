@@ -2,17 +2,20 @@
 
 Design: DATA that fits both the stream's and the connection's send window is written at once
 (the common case costs two appends). Otherwise it waits in its stream's queue; a window update
-drains the queues of the streams it unblocks, oldest blocked first. Frames without flow control
-that must stay behind their stream's data (trailers, a deferred RST_STREAM) wait in the same
-queue. A frame is cut to fit a window only when the window is a large part of the peer's initial
-window (so a peer with tiny windows still makes progress); cutting 16 KB frames to fit a leftover
-of a few KB would multiply frames, and waiting for the next update is cheaper.
+drains the queues of the streams it unblocks, oldest blocked first. Header blocks (a response's
+headers and trailers), which must stay behind their stream's data but are not flow-controlled,
+wait in the same queue as header lists, and are encoded only when they are written
+(`header_frames`): they use the connection's HPACK table, so they must be encoded in the order
+they go on the wire, and one dropped with its stream never touches the table. A frame is cut
+to fit a window only when the window is a large part of the peer's initial window (so a peer
+with tiny windows still makes progress); cutting 16 KB frames to fit a leftover of a few KB
+would multiply frames, and waiting for the next update is cheaper.
 
 Invariants (checked by property tests): a send never makes a window negative (only a lowered
 SETTINGS_INITIAL_WINDOW_SIZE can); a stream's frames leave in the order they were offered; every
 queued byte is either written, or reported as dropped when its stream is closed. `on_sent(sid,
 n)` reports DATA bytes written from a queue (the caller returns that credit to the source);
-`on_end(sid)` reports that a stream's last frame (END_STREAM or RST_STREAM) has been written.
+`on_end(sid)` reports that a stream's last frame (END_STREAM) has been written.
 No I/O: frames are appended to the `out` list the caller flushes.
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from gateway.h2.frames import (
     DATA,
@@ -31,14 +35,15 @@ from gateway.h2.frames import (
     StreamError,
     frame_header_struct,
 )
+from gateway.h2.headers import Headers
 
 Chunk = bytes | memoryview
 _PACK = frame_header_struct.pack
 _DATA = 0
-_RAW = 1
-# Queue item: (kind, payload, last): DATA payloads count against windows, RAW frames do not;
-# `last` marks the stream's final frame (END_STREAM on DATA, or a final RAW frame).
-_Item = tuple[int, Chunk, bool]
+_HEADERS = 1
+# Queue item: (kind, payload, last): DATA payloads (a Chunk) count against windows, HEADERS (a
+# header list, encoded when written) do not; `last` marks the stream's final frame (END_STREAM).
+_Item = tuple[int, Any, bool]
 
 
 class _Out:
@@ -58,19 +63,27 @@ def _ignore_end(sid: int) -> None:
     pass
 
 
+def _no_headers(sid: int, headers: Headers, end_stream: bool) -> bytes:
+    raise RuntimeError("this connection sends no header blocks through its scheduler")
+
+
 class SendScheduler:
-    __slots__ = ("_blocked", "_streams", "conn_window", "initial_window", "on_end", "on_sent")
+    __slots__ = ("_blocked", "_streams", "conn_window", "header_frames", "initial_window",
+                 "on_end", "on_sent")
 
     def __init__(
         self,
         *,
         on_sent: Callable[[int, int], None] = _ignore_sent,
         on_end: Callable[[int], None] = _ignore_end,
+        header_frames: Callable[[int, Headers, bool], bytes] = _no_headers,
     ) -> None:
         self.conn_window = DEFAULT_WINDOW
         self.initial_window = DEFAULT_WINDOW
         self.on_sent = on_sent
         self.on_end = on_end
+        # (sid, headers, end_stream) -> the HEADERS (+ CONTINUATION) frames, encoded now
+        self.header_frames = header_frames
         self._streams: dict[int, _Out] = {}
         self._blocked: dict[int, None] = {}  # ordered set of streams waiting for window
 
@@ -79,6 +92,7 @@ class SendScheduler:
         cycle that only the cyclic GC would otherwise free (and it may run rarely)."""
         self.on_sent = _ignore_sent
         self.on_end = _ignore_end
+        self.header_frames = _no_headers
 
     def open(self, sid: int) -> None:
         self._streams[sid] = _Out(self.initial_window)
@@ -163,21 +177,21 @@ class SendScheduler:
                 self._drain(sid, st, out)
         return written
 
-    def raw(self, sid: int, frames: bytes, out: list[Chunk], *, last: bool = False) -> bool:
-        """Writes frames (trailers, RST_STREAM) behind the stream's queued DATA.
-
-        `last` marks the stream's final frame. Returns False if the stream is not open.
-        """
+    def headers(self, sid: int, headers: Headers, out: list[Chunk], *, end_stream: bool) -> bool:
+        """Writes a header block behind the stream's queued DATA, encoded (`header_frames`)
+        only when it is written, so blocks reach the peer's HPACK decoder in the order they
+        were encoded. `end_stream` marks the stream's final frame (trailers). Returns False if
+        the stream is not open."""
         st = self._streams.get(sid)
         if st is None:
             return False
         if not st.queue:
-            out.append(frames)
-            if last:
+            out.append(self.header_frames(sid, headers, end_stream))
+            if end_stream:
                 del self._streams[sid]
                 self.on_end(sid)
             return True
-        st.queue.append((_RAW, frames, last))
+        st.queue.append((_HEADERS, headers, end_stream))
         if len(st.queue) == 1:
             self._drain(sid, st, out)
         return True
@@ -239,9 +253,9 @@ class SendScheduler:
         ended = False
         while queue:
             kind, payload, last = queue[0]
-            if kind == _RAW:
+            if kind != _DATA:
                 queue.popleft()
-                append(payload)
+                append(self.header_frames(sid, payload, last))
                 if last:
                     ended = True
                     break

@@ -1,28 +1,20 @@
-"""Header blocks: decoding with one persistent HPACK decoder per direction; encoding stateless
-toward clients and with a dynamic table toward replicas.
+"""Header blocks: decoding and encoding with one persistent HPACK table per direction.
 
 Design: peers may use a dynamic table of the default 4,096 bytes (SETTINGS_HEADER_TABLE_SIZE is
 left as it is), so a client's repeated headers arrive as one-byte indexes. There is one
 `HeaderDecoder` per connection direction and every block is decoded, even of streams already
 reset, so the table stays in step with the peer.
 
-`encode` never touches a dynamic table: each field is a static-table index when the whole pair is
-in the static table, else a literal "without indexing" (with an indexed name when the name is in
-the static table). A block encoded this way means the same whatever the receiver's table holds,
-so a stream's headers can be encoded early, held, and sent in any order on any connection: what
-the relay does toward clients, whose response headers and trailers wait behind their stream's
-data in the send scheduler.
-
-`HeaderEncoder` keeps a dynamic table in step with one peer's decoder, for a connection whose
-blocks go out in the order they are encoded (requests toward a replica: each HEADERS frame is
-queued as it is encoded). A request's repeated fields then cost the replica a one-byte index
-each instead of a literal (a gRPC request block: about 10 bytes instead of about 225).
+`HeaderEncoder` keeps a dynamic table in step with one peer's decoder, for blocks encoded in the
+order they go on the wire: requests toward a replica (each HEADERS frame is queued as it is
+encoded), and responses toward a client (the send scheduler encodes a response's headers and
+trailers when it writes them, after their stream's data: h2/flow.py). Repeated fields then cost
+the peer a one-byte index each instead of a literal (a gRPC request block: about 10 bytes
+instead of about 225; a response's headers and trailers: 2 bytes each).
 Header lists are raw bytes pairs, kept in order with repeated names as separate fields.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterable
 
 import hpack
 from hpack.huffman_table import decode_huffman
@@ -261,58 +253,6 @@ def _literal(name: bytes, value: bytes, prefix_bits: int, first: int) -> bytes:
     return bytes((first,)) + _string(name) + _string(value)
 
 
-def _encode_field(name: bytes, value: bytes) -> bytes:
-    index = _STATIC_PAIR.get((name, value))
-    if index is not None:
-        return _integer(index, 7, 0x80)
-    return _literal(name, value, 4, 0x00)
-
-
-_FIELD_MEMO: dict[tuple[bytes, bytes], bytes] = {}
-_FIELD_MEMO_ENTRIES = 4096
-_FIELD_MEMO_LONGEST = 256
-
-
-def encode(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
-    """Stateless HPACK encoding (RFC 7541: indexed static fields, literals without indexing).
-
-    Each field's encoding is memoized (bounded, process-wide, cleared when full): the same
-    paths, content types and statuses recur on every call; so is each short list's (a
-    replica's response headers and trailers, a client's requests, call after call)."""
-    if isinstance(headers, list) and len(headers) <= _BLOCK_MEMO_FIELDS:
-        key = tuple(headers)
-        block = _BLOCK_MEMO.get(key)
-        if block is None:
-            block = _encode(headers)
-            if len(block) <= _BLOCK_MEMO_LONGEST:
-                if len(_BLOCK_MEMO) >= _BLOCK_MEMO_ENTRIES:
-                    _BLOCK_MEMO.clear()
-                _BLOCK_MEMO[key] = block
-        return block
-    return _encode(headers)
-
-
-_BLOCK_MEMO: dict[tuple[tuple[bytes, bytes], ...], bytes] = {}
-_BLOCK_MEMO_ENTRIES = 1024
-_BLOCK_MEMO_FIELDS = 16
-_BLOCK_MEMO_LONGEST = 512
-
-
-def _encode(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
-    memo = _FIELD_MEMO
-    out: list[bytes] = []
-    for field in headers:
-        encoded = memo.get(field)
-        if encoded is None:
-            encoded = _encode_field(*field)
-            if len(field[0]) + len(field[1]) <= _FIELD_MEMO_LONGEST:
-                if len(memo) >= _FIELD_MEMO_ENTRIES:
-                    memo.clear()
-                memo[field] = encoded
-        out.append(encoded)
-    return b"".join(out)
-
-
 def list_size(headers: Headers) -> int:
     """A header list's size as SETTINGS_MAX_HEADER_LIST_SIZE counts it (RFC 9113 6.5.2)."""
     return sum(len(n) + len(v) + 32 for n, v in headers)
@@ -432,3 +372,4 @@ class HeaderEncoder:
                 del self._numbers[(name, value)]
         if evicted:
             del table[:evicted]
+

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from gateway import errors
 from gateway.config import Endpoint, RelaySettings
 from gateway.h2 import frames as fr
-from gateway.h2.headers import HeaderEncoder, Headers, encode, get
+from gateway.h2.headers import HeaderEncoder, Headers, get
 from gateway.metrics import DOWNSTREAM
 from gateway.relay.call import Call
 from gateway.relay.conn import H2Conn, flush_dirty
@@ -132,8 +132,7 @@ class BackendConn(H2Conn):
                     return
                 headers = [(n, v) for n, v in headers
                            if not n.startswith(b":") and n != b"content-type"]
-            frames = client.send_headers(call.csid, encode(headers), end_stream=end_stream)
-            client.sched.raw(call.csid, frames, client.out, last=end_stream)
+            client.sched.headers(call.csid, headers, client.out, end_stream=end_stream)
             call.resp_headers_sent = True
             client.mark()
         self.release(call)

@@ -30,7 +30,7 @@ from gateway.admission.queue import Waiter
 from gateway.buildkit import wire
 from gateway.config import RelaySettings
 from gateway.h2 import frames as fr
-from gateway.h2.headers import HeaderDecoder, Headers, encode, get, get_all
+from gateway.h2.headers import HeaderDecoder, HeaderEncoder, Headers, get, get_all
 from gateway.metrics import UPSTREAM
 from gateway.relay.call import Call
 from gateway.relay.conn import H2Conn, flush_dirty
@@ -61,8 +61,7 @@ HPACK_EXPANSION = 16
 POOL_HEADER = b"x-buildkit-gateway-pool"
 LINGER = 5.0  # seconds a finished connection waits for the client to close its side
 _OK_HEADERS = [(b":status", b"200"), (b"content-type", b"application/grpc")]
-_OK_BLOCK = encode(_OK_HEADERS)
-_OK_TRAILERS_BLOCK = encode([(b"grpc-status", b"0")])
+_OK_TRAILERS = [(b"grpc-status", b"0")]
 
 
 class Answers(Protocol):
@@ -95,6 +94,10 @@ class ClientConn(H2Conn):
         self.hub = hub
         self.listener = listener
         self.calls: dict[int, Call] = {}
+        # Response blocks use a table in step with the client's decoder: the scheduler encodes
+        # each when it writes it (`_header_frames`), so they are encoded in wire order.
+        self.encoder = HeaderEncoder()
+        self.sched.header_frames = self._header_frames
         # id(headers) -> (headers, path, authority, class) of request lists seen recently
         self._seen: dict[int, tuple[Headers, str, str, wire.CallClass]] = {}
         self.last_sid = 0
@@ -187,6 +190,12 @@ class ClientConn(H2Conn):
 
     def has_stream(self, sid: int) -> bool:
         return sid in self.calls
+
+    def on_table_size(self, value: int) -> None:
+        self.encoder.peer_limit(value)
+
+    def _header_frames(self, sid: int, headers: Headers, end_stream: bool) -> bytes:
+        return self.send_headers(sid, self.encoder.encode(headers), end_stream=end_stream)
 
     @property
     def tenant(self) -> str:
@@ -609,8 +618,7 @@ class ClientConn(H2Conn):
             call.vertex = (digest, now_ns, self.hub.wait_label(self.pool, self._ahead_of(ref)))
             call.vertex_ref = ref
             headers = [*_OK_HEADERS, (b"buildkit-current-timestamp", _rfc3339(now_ns))]
-            self.sched.raw(call.csid, self.send_headers(call.csid, encode(headers),
-                                                        end_stream=False), self.out)
+            self.sched.headers(call.csid, headers, self.out, end_stream=False)
             call.resp_headers_sent = True
             self._send_vertex(call, done=False)
         elif call.klass is wire.CallClass.LLB and call.path.endswith("/Ping"):
@@ -642,11 +650,9 @@ class ClientConn(H2Conn):
         """Answers a call with an OK response the gateway has at hand."""
         call.waiting = False
         self._drop_held(call)
-        self.sched.raw(call.csid, self.send_headers(call.csid, _OK_BLOCK, end_stream=False),
-                       self.out)
+        self.sched.headers(call.csid, _OK_HEADERS, self.out, end_stream=False)
         self.sched.data(call.csid, body, False, self.out)
-        self.sched.raw(call.csid, self.send_headers(call.csid, _OK_TRAILERS_BLOCK,
-                                                    end_stream=True), self.out, last=True)
+        self.sched.headers(call.csid, _OK_TRAILERS, self.out, end_stream=True)
         call.resp_headers_sent = True
         if not call.c_in_done:
             self.out.append(fr.rst_stream(call.csid, fr.NO_ERROR))
@@ -695,9 +701,10 @@ class ClientConn(H2Conn):
         self._drop_held(call)
         if not call.c_out_done and not self.closed:
             self._drop_out(call)
-            block = encode(errors.trailers(err.code, err.message,
-                                           headers_sent=call.resp_headers_sent))
-            self.out.append(self.send_headers(call.csid, block, end_stream=True))
+            trailers = errors.trailers(err.code, err.message,
+                                       headers_sent=call.resp_headers_sent)
+            # the stream's queue is dropped: written now, so encoded now (wire order)
+            self.out.append(self._header_frames(call.csid, trailers, True))
             call.c_out_done = True
             if not call.c_in_done:
                 self.out.append(fr.rst_stream(call.csid, fr.NO_ERROR))

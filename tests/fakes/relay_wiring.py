@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from gateway import config
 from gateway.builds.ledger import Ledger
 from gateway.h2 import frames as fr
-from gateway.h2.headers import encode
+from gateway.h2.headers import HeaderEncoder
 from gateway.metrics import Metrics
 from gateway.relay.backend import BackendConn, Upstream
 from gateway.relay.client import ClientConn
@@ -103,6 +103,7 @@ def wired_relay(*, replica_frames: bytes, client_settings: list[tuple[int, int]]
     solve = b"\x0a\x03ref\x2a\x03sid"  # SolveRequest{Ref: "ref", Session: "sid"}
     headers = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"gw"),
                (b"content-type", b"application/grpc")]
+    encode = HeaderEncoder().encode  # the client's blocks, in the order they are sent
     client.data_received(
         fr.header_block(1, encode([*headers, (b":path", b"/moby.buildkit.v1.Control/Solve")]),
                         end_stream=False, max_frame=16384)
@@ -117,7 +118,8 @@ def wired_relay(*, replica_frames: bytes, client_settings: list[tuple[int, int]]
     call = client.calls[SESSION]
     assert call.backend is backend, "session not routed"
     backend.data_received(fr.header_block(
-        call.bsid, encode([(b":status", b"200"), (b"content-type", b"application/grpc")]),
+        call.bsid, HeaderEncoder().encode([(b":status", b"200"),
+                                           (b"content-type", b"application/grpc")]),
         end_stream=False, max_frame=16384))
     flush_dirty()
     del backend_tx.data[:len(fr.PREFACE)]

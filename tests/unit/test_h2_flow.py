@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
+import hpack
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -18,13 +20,25 @@ from hypothesis.stateful import (
 from gateway.h2 import frames as fr
 from gateway.h2.flow import SendScheduler
 from gateway.h2.frames import FrameReader, ProtocolError
+from gateway.h2.headers import HeaderEncoder, Headers
 from tests.fakes.frames import named
 
-TRAILERS = b"\x88"  # any header block; the scheduler treats it as opaque
+TRAILERS = [(b"grpc-status", b"0")]
+# Trailers the state machine sends: repeated ones (indexed after the first) and ones that
+# change (each a new table entry, evicting older ones from a small table).
+trailer_lists = st.one_of(
+    st.just(TRAILERS),
+    st.builds(lambda m: [(b"grpc-status", b"2"), (b"grpc-message", m)],
+              st.sampled_from([b"a", b"b" * 40, b"c" * 300])),
+)
 
 
-def trailers(sid: int) -> bytes:
-    return fr.header_block(sid, TRAILERS, end_stream=True, max_frame=16384)
+def table_frames(encoder: HeaderEncoder) -> Callable[[int, Headers, bool], bytes]:
+    """A scheduler's `header_frames`: blocks with `encoder`'s table, framed."""
+    def frames(sid: int, headers: Headers, end_stream: bool) -> bytes:
+        return fr.header_block(sid, encoder.encode(headers), end_stream=end_stream,
+                               max_frame=16384)
+    return frames
 
 
 class Recorder:
@@ -55,7 +69,7 @@ class _Stream:
         self.offered = bytearray()
         self.received = bytearray()
         self.last_offered = False  # END_STREAM or trailers handed to the scheduler
-        self.trailers_offered = False
+        self.trailers_offered: Headers | None = None
         self.immediate = 0
         self.dropped = 0
         self.closed = False  # close() called
@@ -72,12 +86,19 @@ class SchedulerMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.rec = Recorder()
-        self.s = SendScheduler(on_sent=self.rec.on_sent, on_end=self.rec.on_end)
+        self.encoder = HeaderEncoder()
+        self.s = SendScheduler(on_sent=self.rec.on_sent, on_end=self.rec.on_end,
+                               header_frames=table_frames(self.encoder))
         # The twin gets the same calls, except that a run goes to it frame by frame through
         # data(): both must write the same bytes and end in the same state.
         self.twin_rec = Recorder()
-        self.twin = SendScheduler(on_sent=self.twin_rec.on_sent, on_end=self.twin_rec.on_end)
+        self.twin_encoder = HeaderEncoder()
+        self.twin = SendScheduler(on_sent=self.twin_rec.on_sent, on_end=self.twin_rec.on_end,
+                                  header_frames=table_frames(self.twin_encoder))
         self.reader = FrameReader()
+        # The peer's HPACK decoder (the hpack library's, strict about table size updates)
+        # reads the blocks in wire order, whatever order the streams' queues released them in.
+        self.decoder = hpack.Decoder()
         self.streams: dict[int, _Stream] = {}
         self.next_sid = 1
         self.peer_conn = fr.DEFAULT_WINDOW
@@ -102,8 +123,11 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert st_.offered.startswith(st_.received), "stream bytes out of order"
             else:
                 assert f.type == fr.HEADERS
-                assert st_.trailers_offered
+                assert st_.trailers_offered is not None
                 assert st_.received == st_.offered, "trailers before the stream's data"
+                decoded = [(bytes(n), bytes(v))
+                           for n, v in self.decoder.decode(bytes(f.payload), raw=True)]
+                assert decoded == st_.trailers_offered, "a block decoded out of order"
             if f.flags & fr.FLAG_END_STREAM:
                 assert st_.last_offered
                 assert st_.received == st_.offered
@@ -175,18 +199,27 @@ class SchedulerMachine(RuleBasedStateMachine):
         st_.immediate += n
         self.absorb(out)
 
-    @rule(sid=live)
-    def send_trailers(self, sid: int) -> None:
+    @rule(sid=live, headers=trailer_lists)
+    def send_trailers(self, sid: int, headers: Headers) -> None:
         st_ = self.streams[sid]
         if st_.last_offered or st_.closed:
             return
         out: list = []
-        assert self.s.raw(sid, trailers(sid), out, last=True)
+        assert self.s.headers(sid, headers, out, end_stream=True)
         twin_out: list = []
-        assert self.twin.raw(sid, trailers(sid), twin_out, last=True)
+        assert self.twin.headers(sid, headers, twin_out, end_stream=True)
         assert wire(out) == wire(twin_out)
-        st_.last_offered = st_.trailers_offered = True
+        st_.last_offered = True
+        st_.trailers_offered = headers
         self.absorb(out)
+
+    @rule(value=st.sampled_from([0, 64, 200, 4096]))
+    def lower_table_size(self, value: int) -> None:
+        """The peer's SETTINGS_HEADER_TABLE_SIZE, acknowledged here: blocks after this point
+        on the wire are decoded under it, and the first must shrink the table (RFC 7541)."""
+        self.encoder.peer_limit(value)
+        self.twin_encoder.peer_limit(value)
+        self.decoder.max_allowed_table_size = min(self.decoder.max_allowed_table_size, value)
 
     @rule(sid=live, inc=st.one_of(st.integers(1, 2000), st.integers(1, 200_000)))
     def stream_window_update(self, sid: int, inc: int) -> None:
@@ -425,38 +458,64 @@ def test_lowered_initial_window_makes_windows_negative_and_blocks() -> None:
     assert [len(p) for *_, p in data_frames(wire(out))] == [10, 0]
 
 
-def test_trailers_wait_behind_queued_data() -> None:
-    s = SendScheduler()
+def test_trailers_wait_behind_queued_data_and_are_encoded_when_written() -> None:
+    encoder = HeaderEncoder()
+    s = SendScheduler(header_frames=table_frames(encoder))
     s.open(1)
+    s.open(3)
     out: list = []
     s.data(1, bytes(65535), False, out)
     s.data(1, b"tail", False, out)
     out.clear()
-    assert s.raw(1, trailers(1), out, last=True)
+    assert s.headers(1, TRAILERS, out, end_stream=True)
     assert out == []
     assert s.is_open(1)
+    later = [(b"grpc-status", b"5"), (b"grpc-message", b"not found")]
+    s.headers(3, later, out, end_stream=True)  # encoded now, first on the wire
     s.window_update(1, 10, out)
     s.window_update(0, 10, out)
     got = data_frames(wire(out))
-    assert [(t, f, p) for t, f, _, p in got] == [
-        (fr.DATA, 0, b"tail"),
-        (fr.HEADERS, fr.FLAG_END_HEADERS | fr.FLAG_END_STREAM, TRAILERS),
+    assert [(t, f, sid) for t, f, sid, _ in got] == [
+        (fr.HEADERS, fr.FLAG_END_HEADERS | fr.FLAG_END_STREAM, 3),
+        (fr.DATA, 0, 1),
+        (fr.HEADERS, fr.FLAG_END_HEADERS | fr.FLAG_END_STREAM, 1),
     ]
+    decoder = hpack.Decoder()
+    assert [decoder.decode(p, raw=True) for t, _, _, p in got if t == fr.HEADERS] == [
+        later, TRAILERS]
     assert not s.is_open(1)
 
 
-def test_raw_without_queue_is_written_at_once() -> None:
+def test_headers_without_queue_are_written_at_once() -> None:
     ended: list[int] = []
-    s = SendScheduler(on_end=ended.append)
+    encoder = HeaderEncoder()
+    s = SendScheduler(on_end=ended.append, header_frames=table_frames(encoder))
     s.open(5)
     out: list = []
-    assert s.raw(5, b"frame-bytes", out)
-    assert out == [b"frame-bytes"]
+    response = [(b":status", b"200"), (b"content-type", b"application/grpc")]
+    assert s.headers(5, response, out, end_stream=False)
+    assert out == [fr.header_block(5, HeaderEncoder().encode(response), end_stream=False,
+                                   max_frame=16384)]
     assert s.is_open(5)
-    assert s.raw(5, fr.rst_stream(5, fr.CANCEL), out, last=True)
+    assert s.headers(5, TRAILERS, out, end_stream=True)
     assert ended == [5]
-    assert not s.raw(5, b"x", out)
+    assert not s.headers(5, TRAILERS, out, end_stream=True)
     assert s.data(5, b"x", False, out) == -1
+
+
+def test_a_dropped_block_never_touches_the_table() -> None:
+    encoder = HeaderEncoder()
+    s = SendScheduler(header_frames=table_frames(encoder))
+    s.open(1)
+    out: list = []
+    s.data(1, bytes(65535), False, out)
+    s.data(1, b"tail", False, out)
+    dropped = [(b"x-never", b"sent")]
+    s.headers(1, dropped, out, end_stream=True)
+    s.close(1)
+    # never added to the table: still a literal (once in the table, it is a one-byte index)
+    assert encoder.encode(dropped) == HeaderEncoder().encode(dropped)
+    assert len(encoder.encode(dropped)) == 1
 
 
 def test_close_returns_dropped_bytes_and_forgets() -> None:

@@ -650,15 +650,14 @@ class ClientConn(H2Conn):
         """Answers a call with an OK response the gateway has at hand."""
         call.waiting = False
         self._drop_held(call)
+        call.resp_headers_sent = True
+        # The rest of the request is not needed: RST_STREAM(NO_ERROR) once the trailers are
+        # written (on_end, which also releases the call), never before them.
+        call.rst_after_end = not call.c_in_done
         self.sched.headers(call.csid, _OK_HEADERS, self.out, end_stream=False)
         self.sched.data(call.csid, body, False, self.out)
         self.sched.headers(call.csid, _OK_TRAILERS, self.out, end_stream=True)
-        call.resp_headers_sent = True
-        if not call.c_in_done:
-            self.out.append(fr.rst_stream(call.csid, fr.NO_ERROR))
-            call.c_in_done = True
         self.mark()
-        self.release_call(call)
 
     def _forget(self, call: Call) -> None:
         """A call ended by the client before it was routed: it waits nowhere any more."""

@@ -128,7 +128,7 @@ async def main() -> None:
     calls = count_calls(log)
     if args.profile:
         prof = cProfile.Profile()
-        prof.runcall(replay, log)
+        prof.runcall(replay, log, args.cold)
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
         return
     times = []

@@ -191,9 +191,7 @@ class SendScheduler:
                 del self._streams[sid]
                 self.on_end(sid)
             return True
-        st.queue.append((_HEADERS, headers, end_stream))
-        if len(st.queue) == 1:
-            self._drain(sid, st, out)
+        st.queue.append((_HEADERS, headers, end_stream))  # behind DATA: written by a drain
         return True
 
     def window_update(self, sid: int, increment: int, out: list[Chunk]) -> None:

@@ -271,10 +271,12 @@ def get_all(headers: Headers, name: bytes) -> list[bytes]:
 
 
 # Fields never put in the dynamic table: values that change on every call (a deadline, trace
-# ids) would only push out the ones that repeat; credentials go as "never indexed" (RFC 7541
-# 7.1.3), which also tells intermediaries not to index them.
+# ids, a timestamp) would only push out the ones that repeat; credentials go as "never indexed"
+# (RFC 7541 7.1.3), which also tells intermediaries not to index them. An error's message is
+# indexed only when empty: the one value of it that repeats.
 _NOT_INDEXED = frozenset({b"grpc-timeout", b"traceparent", b"tracestate", b"grpc-trace-bin",
-                          b"content-length"})
+                          b"content-length", b"buildkit-current-timestamp"})
+_INDEXED_ONLY_EMPTY = frozenset({b"grpc-message"})
 _NEVER_INDEXED = frozenset({b"authorization", b"proxy-authorization", b"cookie", b"set-cookie"})
 
 
@@ -285,8 +287,9 @@ class HeaderEncoder:
     decoder applies each one, so both tables hold the same entries. A field already in the
     table is sent as its index; one that may repeat is sent as a literal "with incremental
     indexing" and added (the oldest entries are evicted to make room); values that change call
-    after call (`_NOT_INDEXED`) or are credentials (`_NEVER_INDEXED`) and entries larger than a
-    quarter of the table are sent as literals and never added.
+    after call (`_NOT_INDEXED`, and non-empty `_INDEXED_ONLY_EMPTY`) or are credentials
+    (`_NEVER_INDEXED`) and entries larger than a quarter of the table are sent as literals and
+    never added.
 
     The table holds at most `limit` bytes: 4,096 (the protocol's initial
     SETTINGS_HEADER_TABLE_SIZE) until the peer's SETTINGS say less (`peer_limit`), which the
@@ -340,7 +343,8 @@ class HeaderEncoder:
                 continue
             name, value = field
             entry = len(name) + len(value) + 32
-            if name in _NOT_INDEXED or name in _NEVER_INDEXED or entry > self.limit // 4:
+            if (name in _NOT_INDEXED or name in _NEVER_INDEXED or entry > self.limit // 4
+                    or (value and name in _INDEXED_ONLY_EMPTY)):
                 out.append(_literal(name, value, 4, 0x10 if name in _NEVER_INDEXED else 0x00))
                 continue
             out.append(_literal(name, value, 6, 0x40))
@@ -372,4 +376,3 @@ class HeaderEncoder:
                 del self._numbers[(name, value)]
         if evicted:
             del table[:evicted]
-

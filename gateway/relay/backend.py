@@ -7,11 +7,11 @@ opened when it completes, or ended with UNAVAILABLE naming the replica when it f
 protocol object is created in the dial's factory and links itself to the upstream on
 `connection_made`, so bytes that arrive before the dial returns are never lost.
 
-Responses are relayed as they come: response headers at once, DATA through the client's send
-scheduler (credit returned to the replica only once written to the client), trailers queued
-behind their stream's data. A lost connection ends each of its calls with UNAVAILABLE naming the
-replica; a GOAWAY refuses (REFUSED_STREAM, which gRPC clients retry) the streams it did not
-process and sends new calls to another connection.
+Responses are relayed as they come, through the client's send scheduler: response headers,
+DATA (credit returned to the replica only once written to the client) and trailers, each
+behind what the stream already has queued. A lost connection ends each of its calls with
+UNAVAILABLE naming the replica; a GOAWAY refuses (REFUSED_STREAM, which gRPC clients retry) the
+streams it did not process and sends new calls to another connection.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from gateway import errors
 from gateway.config import Endpoint, RelaySettings
 from gateway.h2 import frames as fr
-from gateway.h2.headers import HeaderEncoder, Headers, get
+from gateway.h2.headers import Headers, get
 from gateway.metrics import DOWNSTREAM
 from gateway.relay.call import Call
 from gateway.relay.conn import H2Conn, flush_dirty
@@ -52,9 +52,6 @@ class BackendConn(H2Conn):
         self.errors = upstream.hub.metrics.http2_errors
         self.upstream = upstream
         self.calls: dict[int, Call] = {}
-        # Request blocks go out in the order they are encoded (open_stream queues each HEADERS
-        # frame at once), so they can index into a table kept in step with the replica's.
-        self.encoder = HeaderEncoder()
         self.next_sid = 1
         self.usable = True  # false after GOAWAY or loss
 
@@ -67,9 +64,6 @@ class BackendConn(H2Conn):
 
     def local_settings(self) -> list[tuple[int, int]]:
         return [*super().local_settings(), (fr.SETTINGS_ENABLE_PUSH, 0)]
-
-    def on_table_size(self, value: int) -> None:
-        self.encoder.peer_limit(value)
 
     def has_stream(self, sid: int) -> bool:
         return sid in self.calls
@@ -85,8 +79,7 @@ class BackendConn(H2Conn):
         self.sched.open(sid)
         call.backend = self
         call.bsid = sid
-        self.out.append(self.send_headers(sid, self.encoder.encode(call.headers),
-                                          end_stream=False))
+        self.out.append(self.header_frames(sid, call.headers, False))  # queued as encoded
         held, call.held = call.held or [], None
         call.held_bytes = 0
         client = call.client

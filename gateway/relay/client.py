@@ -30,7 +30,7 @@ from gateway.admission.queue import Waiter
 from gateway.buildkit import wire
 from gateway.config import RelaySettings
 from gateway.h2 import frames as fr
-from gateway.h2.headers import HeaderDecoder, HeaderEncoder, Headers, get, get_all
+from gateway.h2.headers import HeaderDecoder, Headers, get, get_all
 from gateway.metrics import UPSTREAM
 from gateway.relay.call import Call
 from gateway.relay.conn import H2Conn, flush_dirty
@@ -94,10 +94,6 @@ class ClientConn(H2Conn):
         self.hub = hub
         self.listener = listener
         self.calls: dict[int, Call] = {}
-        # Response blocks use a table in step with the client's decoder: the scheduler encodes
-        # each when it writes it (`_header_frames`), so they are encoded in wire order.
-        self.encoder = HeaderEncoder()
-        self.sched.header_frames = self._header_frames
         # id(headers) -> (headers, path, authority, class) of request lists seen recently
         self._seen: dict[int, tuple[Headers, str, str, wire.CallClass]] = {}
         self.last_sid = 0
@@ -190,12 +186,6 @@ class ClientConn(H2Conn):
 
     def has_stream(self, sid: int) -> bool:
         return sid in self.calls
-
-    def on_table_size(self, value: int) -> None:
-        self.encoder.peer_limit(value)
-
-    def _header_frames(self, sid: int, headers: Headers, end_stream: bool) -> bytes:
-        return self.send_headers(sid, self.encoder.encode(headers), end_stream=end_stream)
 
     @property
     def tenant(self) -> str:
@@ -703,7 +693,7 @@ class ClientConn(H2Conn):
             trailers = errors.trailers(err.code, err.message,
                                        headers_sent=call.resp_headers_sent)
             # the stream's queue is dropped: written now, so encoded now (wire order)
-            self.out.append(self._header_frames(call.csid, trailers, True))
+            self.out.append(self.header_frames(call.csid, trailers, True))
             call.c_out_done = True
             if not call.c_in_done:
                 self.out.append(fr.rst_stream(call.csid, fr.NO_ERROR))

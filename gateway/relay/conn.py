@@ -34,7 +34,7 @@ from typing import Any
 from gateway.config import RelaySettings
 from gateway.h2 import frames as fr
 from gateway.h2.flow import Chunk, SendScheduler
-from gateway.h2.headers import HeaderDecoder, Headers
+from gateway.h2.headers import HeaderDecoder, HeaderEncoder, Headers
 
 log = logging.getLogger("gateway.relay")
 
@@ -76,7 +76,13 @@ class H2Conn(asyncio.Protocol):
         self.reader = fr.FrameReader()
         self.max_block = relay.max_header_list  # encoded bytes of one header block
         self.decoder = self.header_decoder(relay)  # may lower max_block (clients)
-        self.sched = SendScheduler(on_sent=self.on_sent, on_end=self.on_end)
+        # Blocks toward the peer index into a table kept in step with its decoder, so they are
+        # encoded in the order they go on the wire: `header_frames`, called as they are written
+        # (requests toward a replica at once; responses by the scheduler, behind their data).
+        self.encoder = HeaderEncoder()
+        # Its callbacks (bound methods, a cycle) are set once connected: a connection that never
+        # is (a failed TLS handshake, a failed dial) is freed by reference counting alone.
+        self.sched = SendScheduler()
         self.out: list[Chunk] = []
         self.dirty = False
         self.closed = False
@@ -161,8 +167,11 @@ class H2Conn(asyncio.Protocol):
     def forget_credit(self, sid: int) -> None:
         self._pending_stream_credit.pop(sid, None)
 
-    def send_headers(self, sid: int, block: bytes, *, end_stream: bool) -> bytes:
-        return fr.header_block(sid, block, end_stream=end_stream, max_frame=self.peer_max_frame)
+    def header_frames(self, sid: int, headers: Headers, end_stream: bool) -> bytes:
+        """The HEADERS (+ CONTINUATION) frames of `headers`, encoded with the peer's table: for
+        frames written now, after every block encoded before (see `encoder`)."""
+        return fr.header_block(sid, self.encoder.encode(headers), end_stream=end_stream,
+                               max_frame=self.peer_max_frame)
 
     def goaway(self, code: int, message: str, last_sid: int = 0) -> None:
         """Sends GOAWAY (once) and closes; a peer that does not read what is left is cut off
@@ -197,6 +206,9 @@ class H2Conn(asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        self.sched.on_sent = self.on_sent
+        self.sched.on_end = self.on_end
+        self.sched.header_frames = self.header_frames
 
     def data_received(self, data: bytes | memoryview) -> None:
         self.rx_bytes[self.rx_index] += len(data)
@@ -467,7 +479,8 @@ class H2Conn(asyncio.Protocol):
         pass
 
     def on_table_size(self, value: int) -> None:
-        """The peer's SETTINGS_HEADER_TABLE_SIZE (for an encoder with a dynamic table)."""
+        """The peer's SETTINGS_HEADER_TABLE_SIZE: the encoder's table follows it down."""
+        self.encoder.peer_limit(value)
 
     def on_settings(self) -> None:
         pass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import gc
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import trustme
 
 from gateway.app import Gateway
 from gateway.h2 import frames as fr
+from gateway.relay.client import ClientConn
 from tests.conftest import gateway_port, running_gateway, running_replicas
 from tests.fakes import buildflow
 from tests.fakes.h2_transport import H2Transport
@@ -149,6 +151,22 @@ async def test_clients_without_a_good_certificate_get_a_clear_tls_alert(pki: Pki
         assert counted == dict.fromkeys(counted, 1.0)
         out, _alpn, _cert = await build_over(gw, client_tls(pki, cert=pki.client))
     assert out.ok, out.error  # the gateway goes on serving good clients
+
+
+async def test_refused_handshakes_leave_nothing_for_the_cyclic_gc(pki: Pki) -> None:
+    """A client refused during the TLS handshake never gets a connected ClientConn: the one
+    made for it is freed by reference counting alone, with the cyclic GC off."""
+    async with running_replicas(1) as (replica,), running_gateway(
+            [replica.address], *pki.gateway_args()) as gw:
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(5):
+                assert await refused(gw, client_tls(pki)) == "TLSV13_ALERT_CERTIFICATE_REQUIRED"
+            alive = [o for o in gc.get_objects() if isinstance(o, ClientConn)]
+        finally:
+            gc.enable()
+    assert alive == []
 
 
 async def test_certificates_rotate_without_dropping_a_running_build(pki: Pki) -> None:

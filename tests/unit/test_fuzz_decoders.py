@@ -45,7 +45,7 @@ from gateway.h2 import headers as hd
 from gateway.h2.frames import COMPRESSION_ERROR, FrameReader, ProtocolError
 from gateway.pb import control_pb2 as pb
 from gateway.routing import key
-from tests.fakes.frames import named
+from tests.fakes.frames import fresh_block, named
 
 # ---- profiles ------------------------------------------------------------------------------
 
@@ -244,11 +244,6 @@ def _bound(limits: tuple[int, int, int], block: bytes) -> int:
     return min(size, max(floor, expansion * len(block))) if expansion else size
 
 
-def _alone(headers: hd.Headers) -> bytes:
-    """A block a fresh decoder can read: a fresh table encoder's."""
-    return hd.HeaderEncoder().encode(headers)
-
-
 def _decode(decoder: hd.HeaderDecoder, block: bytes) -> hd.Headers | None:
     """The decoded list, or None after the (only allowed) COMPRESSION_ERROR."""
     try:
@@ -274,7 +269,7 @@ def _hpack_blocks(draw: st.DrawFn, lists: list[hd.Headers]) -> list[bytes]:
 
 @FUZZ
 @given(limits=DECODERS, blocks=st.lists(st.one_of(st.binary(max_size=300),
-                                                  mutated(header_lists.map(_alone))),
+                                                  mutated(header_lists.map(fresh_block))),
                                         min_size=1, max_size=4))
 def test_header_decoder_arbitrary_blocks(limits: tuple[int, int, int],
                                          blocks: list[bytes]) -> None:
@@ -308,7 +303,7 @@ def test_header_decoder_mutated_encoder_blocks(limits: tuple[int, int, int],
 
 
 @FUZZ
-@given(blocks=st.lists(st.one_of(st.binary(max_size=80), mutated(header_lists.map(_alone))),
+@given(blocks=st.lists(st.one_of(st.binary(max_size=80), mutated(header_lists.map(fresh_block))),
                        min_size=1, max_size=4))
 def test_header_decoder_agrees_with_the_hpack_library(blocks: list[bytes]) -> None:
     """The gateway's own HPACK decoder against the `hpack` library's on any bytes: the same
@@ -338,7 +333,7 @@ def bomb(draw: st.DrawFn) -> tuple[bytes, int]:
 
 
 @FUZZ
-@given(limits=DECODERS, case=st.one_of(header_lists.map(lambda h: (_alone(h),
+@given(limits=DECODERS, case=st.one_of(header_lists.map(lambda h: (fresh_block(h),
                                                                      hd.list_size(h))), bomb()))
 def test_header_decoder_bound_is_exact(limits: tuple[int, int, int],
                                        case: tuple[bytes, int]) -> None:
@@ -698,9 +693,9 @@ def test_metadata_through_the_header_decoder(fields: list[tuple[bytes, bytes]],
                                              draw: st.DataObject) -> None:
     """Client metadata as the relay sees it: a header block (ours or a peer encoder's,
     perhaps mutated), decoded, looked up and parsed; typed errors only."""
-    block = draw.draw(st.one_of(st.just(_alone(fields)),
+    block = draw.draw(st.one_of(st.just(fresh_block(fields)),
                                 st.just(hpack.Encoder().encode(fields)),
-                                mutated(st.just(_alone(fields)))))
+                                mutated(st.just(fresh_block(fields)))))
     decoder = hd.HeaderDecoder(max_header_list_size=16 << 20, max_expansion=16,
                                floor=64 << 10)
     headers = _decode(decoder, block)

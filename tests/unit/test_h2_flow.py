@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Callable
 
 import hpack
@@ -24,11 +25,12 @@ from gateway.h2.headers import HeaderEncoder, Headers
 from tests.fakes.frames import named
 
 TRAILERS = [(b"grpc-status", b"0")]
-# Trailers the state machine sends: repeated ones (indexed after the first) and ones that
-# change (each a new table entry, evicting older ones from a small table).
-trailer_lists = st.one_of(
+# Blocks the state machine sends: repeated ones (indexed after the first) and ones that change
+# (each a new table entry, evicting older ones from a small table).
+header_lists = st.one_of(
     st.just(TRAILERS),
-    st.builds(lambda m: [(b"grpc-status", b"2"), (b"grpc-message", m)],
+    st.just([(b":status", b"200"), (b"content-type", b"application/grpc")]),
+    st.builds(lambda m: [(b"grpc-status", b"2"), (b"x-detail", m)],
               st.sampled_from([b"a", b"b" * 40, b"c" * 300])),
 )
 
@@ -69,7 +71,8 @@ class _Stream:
         self.offered = bytearray()
         self.received = bytearray()
         self.last_offered = False  # END_STREAM or trailers handed to the scheduler
-        self.trailers_offered: Headers | None = None
+        # header blocks offered: (bytes offered before it, its list), in order
+        self.blocks: deque[tuple[int, Headers]] = deque()
         self.immediate = 0
         self.dropped = 0
         self.closed = False  # close() called
@@ -123,11 +126,12 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert st_.offered.startswith(st_.received), "stream bytes out of order"
             else:
                 assert f.type == fr.HEADERS
-                assert st_.trailers_offered is not None
-                assert st_.received == st_.offered, "trailers before the stream's data"
+                assert st_.blocks, "a header block nobody offered"
+                offset, headers = st_.blocks.popleft()
+                assert len(st_.received) == offset, "a block out of order with its data"
                 decoded = [(bytes(n), bytes(v))
                            for n, v in self.decoder.decode(bytes(f.payload), raw=True)]
-                assert decoded == st_.trailers_offered, "a block decoded out of order"
+                assert decoded == headers, "a block decoded against the wrong table"
             if f.flags & fr.FLAG_END_STREAM:
                 assert st_.last_offered
                 assert st_.received == st_.offered
@@ -199,18 +203,19 @@ class SchedulerMachine(RuleBasedStateMachine):
         st_.immediate += n
         self.absorb(out)
 
-    @rule(sid=live, headers=trailer_lists)
-    def send_trailers(self, sid: int, headers: Headers) -> None:
+    @rule(sid=live, headers=header_lists, end=st.booleans())
+    def send_headers(self, sid: int, headers: Headers, end: bool) -> None:
+        """Response headers (more DATA may follow) or trailers (`end`), behind queued DATA."""
         st_ = self.streams[sid]
         if st_.last_offered or st_.closed:
             return
         out: list = []
-        assert self.s.headers(sid, headers, out, end_stream=True)
+        assert self.s.headers(sid, headers, out, end_stream=end)
         twin_out: list = []
-        assert self.twin.headers(sid, headers, twin_out, end_stream=True)
+        assert self.twin.headers(sid, headers, twin_out, end_stream=end)
         assert wire(out) == wire(twin_out)
-        st_.last_offered = True
-        st_.trailers_offered = headers
+        st_.last_offered = end
+        st_.blocks.append((len(st_.offered), headers))
         self.absorb(out)
 
     @rule(value=st.sampled_from([0, 64, 200, 4096]))
@@ -341,6 +346,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             if st_.closed:
                 continue
             assert st_.received == st_.offered
+            assert not st_.blocks, "a header block never written"
             assert st_.finished_on_wire == st_.last_offered
             assert self.s.is_open(sid) == (not st_.last_offered)
             assert self.rec.sent.get(sid, 0) + st_.immediate == len(st_.offered)

@@ -1,4 +1,4 @@
-"""gateway/h2/headers.py: stateless encoding, decoding with a persistent table."""
+"""gateway/h2/headers.py: encoding and decoding, each with a persistent table."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from gateway.h2 import headers as hd
 from gateway.h2.frames import COMPRESSION_ERROR, ProtocolError
+from tests.fakes.frames import fresh_block as block
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -30,12 +31,6 @@ header_lists = st.lists(fields, max_size=25)
 def reference_decode(block: bytes, decoder: hpack.Decoder | None = None) -> list:
     decoder = decoder or hpack.Decoder(max_header_list_size=1 << 24)
     return [(bytes(n), bytes(v)) for n, v in decoder.decode(block, raw=True)]
-
-
-def block(headers: list[tuple[bytes, bytes]]) -> bytes:
-    """A block that stands alone: a fresh table encoder's, which refers only to the static
-    table and to entries it adds itself."""
-    return hd.HeaderEncoder().encode(headers)
 
 
 @FAST
@@ -63,7 +58,7 @@ def test_big_binary_values(size: int) -> None:
     assert hd.HeaderDecoder(max_header_list_size=1 << 20).decode(encoded) == headers
 
 
-def test_static_pairs_are_single_byte_indexes() -> None:
+def test_first_encodings_of_each_kind_of_field() -> None:
     assert block([(b":method", b"POST")]) == b"\x83"
     assert block([(b":status", b"200")]) == b"\x88"
     # Name in the static table, value not: literal with incremental indexing, indexed name.
@@ -76,7 +71,7 @@ def test_static_pairs_are_single_byte_indexes() -> None:
 
 @settings(max_examples=60, deadline=None)
 @given(lists=st.lists(header_lists, min_size=2, max_size=6), data=st.data())
-def test_blocks_decode_in_any_order_with_fresh_or_used_decoder(
+def test_fresh_encoder_blocks_decode_with_a_fresh_or_used_decoder(
     lists: list[list[tuple[bytes, bytes]]], data: st.DataObject
 ) -> None:
     blocks = [block(h) for h in lists]
@@ -267,3 +262,16 @@ def test_lowered_peer_limit_leads_the_next_block_with_a_size_update() -> None:
     assert encoder.limit == 0
     assert encoder.encode(headers)[0] != 0x20
 
+
+def test_error_messages_and_timestamps_stay_out_of_the_table() -> None:
+    encoder = hd.HeaderEncoder()
+    decoder = hpack.Decoder()
+    for message in (b"no such job a", b"no such job b", b""):
+        block = encoder.encode([(b"grpc-status", b"5"), (b"grpc-message", message),
+                                (b"buildkit-current-timestamp", b"2026-12-07T13:00:00Z")])
+        reference_decode(block, decoder)
+    entries = [(bytes(n), bytes(v)) for n, v in decoder.header_table.dynamic_entries]
+    assert (b"grpc-status", b"5") in entries
+    assert (b"grpc-message", b"") in entries  # the one value that repeats
+    assert not any(n == b"buildkit-current-timestamp" or (n == b"grpc-message" and v)
+                   for n, v in entries)

@@ -7,10 +7,12 @@ how fast anything is (speed lives in the benchmark's own output).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,23 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 import upload  # noqa: E402
+
+
+@contextlib.asynccontextmanager
+async def running_sink(*args: str) -> AsyncIterator[int]:
+    """bench/sink.py with `args`, stopped on exit; yields its port."""
+    sink = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "bench" / "sink.py"), "--port", "0", *args,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert sink.stdout is not None
+        line = (await asyncio.wait_for(sink.stdout.readline(), 15)).decode()
+        assert line.startswith("SINK READY"), line
+        yield int(line.split()[2])
+    finally:
+        sink.terminate()
+        await asyncio.wait_for(sink.wait(), 10)
 
 
 def test_both_kinds_of_ends_through_the_gateway(tmp_path: Path) -> None:
@@ -69,15 +88,7 @@ def test_tls_legs_through_the_gateway(tmp_path: Path) -> None:
 
 
 async def test_work_sink_reports_the_hash_the_client_checks(tmp_path: Path) -> None:
-    sink = await asyncio.create_subprocess_exec(
-        sys.executable, str(ROOT / "bench" / "sink.py"), "--port", "0",
-        "--work-dir", str(tmp_path), stdout=asyncio.subprocess.PIPE,
-    )
-    try:
-        assert sink.stdout is not None
-        line = (await asyncio.wait_for(sink.stdout.readline(), 15)).decode()
-        assert line.startswith("SINK READY"), line
-        port = int(line.split()[2])
+    async with running_sink("--work-dir", str(tmp_path)) as port:
         payload = upload.Payload(1 << 20, (24000, 4000, 2500))
         payload.to_file(tmp_path / "context.bin")
         try:
@@ -93,9 +104,6 @@ async def test_work_sink_reports_the_hash_the_client_checks(tmp_path: Path) -> N
                 await upload.upload_once(port, payload, 10)
         finally:
             payload.close_file()
-    finally:
-        sink.terminate()
-        await asyncio.wait_for(sink.wait(), 10)
 
 
 def test_downloads_through_the_gateway(tmp_path: Path) -> None:
@@ -164,33 +172,24 @@ async def _corrupting_proxy(sink_port: int) -> asyncio.Server:
 async def test_a_corrupted_download_fails_the_sha256_check(tmp_path: Path) -> None:
     payload = upload.Payload(1 << 20, (24000, 4000, 2500))
     payload.write(tmp_path / "result.bin")
-    sink = await asyncio.create_subprocess_exec(
-        sys.executable, str(ROOT / "bench" / "sink.py"), "--port", "0",
-        "--work-dir", str(tmp_path), "--serve", str(tmp_path / "result.bin"),
-        stdout=asyncio.subprocess.PIPE,
-    )
     output = upload.OutputWork(tmp_path)
     try:
-        assert sink.stdout is not None
-        line = (await asyncio.wait_for(sink.stdout.readline(), 15)).decode()
-        assert line.startswith("SINK READY"), line
-        port = int(line.split()[2])
-        for _ in range(2):
-            result = await upload.download_once(port, payload, 10, work=output)
-            assert result.sink_messages == payload.messages
-        # The client's file holds at most the last download (emptied after each).
-        assert (tmp_path / "download.bin").stat().st_size == 0
-        proxy = await _corrupting_proxy(port)
-        try:
-            proxy_port = proxy.sockets[0].getsockname()[1]
-            with pytest.raises(upload.UploadError, match="sha256"):
-                await upload.download_once(proxy_port, payload, 10, work=output)
-        finally:
-            proxy.close()
+        async with running_sink("--work-dir", str(tmp_path),
+                                "--serve", str(tmp_path / "result.bin")) as port:
+            for _ in range(2):
+                result = await upload.download_once(port, payload, 10, work=output)
+                assert result.sink_messages == payload.messages
+            # The client's file holds at most the last download (emptied after each).
+            assert (tmp_path / "download.bin").stat().st_size == 0
+            proxy = await _corrupting_proxy(port)
+            try:
+                proxy_port = proxy.sockets[0].getsockname()[1]
+                with pytest.raises(upload.UploadError, match="sha256"):
+                    await upload.download_once(proxy_port, payload, 10, work=output)
+            finally:
+                proxy.close()
     finally:
         output.close()
-        sink.terminate()
-        await asyncio.wait_for(sink.wait(), 10)
 
 
 def test_calls_bench_interleaves_the_legs_for_latency(tmp_path: Path) -> None:
@@ -221,24 +220,14 @@ def test_relay_micro_runs() -> None:
 
 
 async def test_unary_micro_records_and_replays_with_cold_caches(tmp_path: Path) -> None:
-    sink = await asyncio.create_subprocess_exec(
-        sys.executable, str(ROOT / "bench" / "sink.py"), "--port", "0",
-        stdout=asyncio.subprocess.PIPE,
-    )
-    try:
-        assert sink.stdout is not None
-        line = (await asyncio.wait_for(sink.stdout.readline(), 15)).decode()
-        assert line.startswith("SINK READY"), line
-        micro = [sys.executable, str(ROOT / "bench" / "unary_micro.py"),
-                 "--log", str(tmp_path / "log.pkl")]
+    micro = [sys.executable, str(ROOT / "bench" / "unary_micro.py"),
+             "--log", str(tmp_path / "log.pkl")]
+    async with running_sink() as port:
         recorded = await asyncio.create_subprocess_exec(
-            *micro, "--record", line.split()[2], "--calls", "40", "--callers", "1",
+            *micro, "--record", str(port), "--calls", "40", "--callers", "1",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=ROOT)
         out, _ = await asyncio.wait_for(recorded.communicate(), 60)
         assert recorded.returncode == 0, out.decode()
-    finally:
-        sink.terminate()
-        await asyncio.wait_for(sink.wait(), 10)
     replayed = await asyncio.create_subprocess_exec(
         *micro, "--cold", "1", "--repeats", "1",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=ROOT)
